@@ -129,6 +129,12 @@ class ArtifactWriter:
         target.parent.mkdir(parents=True, exist_ok=True)
         return target
 
+    def final_paths(self, frame: pl.DataFrame) -> pl.DataFrame:
+        """``frame`` with every ``*path`` column pointing where the staged files will be after commit."""
+        staging, final = str(self.staging_dir), str(self.final_dir)
+        columns = [c for c in frame.columns if c.endswith("path") and frame.schema[c] == pl.Utf8]
+        return frame.with_columns(pl.col(c).str.replace(staging, final, literal=True) for c in columns)
+
     def write_table(self, name: str, frame: pl.DataFrame) -> OutputFile:
         """Write ``frame`` as ``<name>.parquet`` and register it as a table output."""
         staged = self.path(f"{name}.parquet")

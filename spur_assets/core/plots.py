@@ -42,3 +42,18 @@ def cooccurrence_heatmap(
     fig.savefig(out_png, dpi=90)
     plt.close(fig)
     return out_png
+
+
+def loss_curve(history: list[dict], out_png: Path, title: str) -> Path:
+    """Mean training loss per epoch (``history`` rows carry ``epoch`` and ``loss``)."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    ax.plot([h["epoch"] for h in history], [h["loss"] for h in history], marker="o")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("contrastive loss")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=90)
+    plt.close(fig)
+    return out_png

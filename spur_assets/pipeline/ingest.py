@@ -1,0 +1,136 @@
+"""`raw_pairs`: one dataset batch, validated, as images / captions / instances tables."""
+
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Literal
+
+import dagster as dg
+import polars as pl
+
+from spur_assets.core.batches import BUILTIN_BATCH, registered_manifest
+from spur_assets.core.builtin_dataset import BuiltinDatasetSpec, generate_builtin_dataset
+from spur_assets.core.coco_ingest import load_batch
+from spur_assets.core.contact_sheet import draw_contact_sheet
+from spur_assets.pipeline.recording import recorded_materialization
+from spur_assets.pipeline.resources import SpurSettings
+from spur_assets.pipeline.ui_metadata import markdown_image, markdown_table
+
+batches = dg.DynamicPartitionsDefinition(name="batches")
+
+_SPEC_DEFAULTS = BuiltinDatasetSpec()
+
+
+class RawPairsConfig(dg.Config):
+    """How a batch is read. The built-in knobs apply only to the batch named 'builtin'."""
+
+    manifest: str = ""  # a dataset.yaml for this batch; empty = the registered one (or SPUR_DATASET)
+    on_bad_record: Literal["fail", "quarantine"] = "fail"  # fail the batch, or drop bad records and count them
+    workers: int = max(1, min(8, os.cpu_count() or 1))  # threads reading, hashing and decoding image files
+    builtin_seed: int = _SPEC_DEFAULTS.seed
+    builtin_n_train: int = _SPEC_DEFAULTS.n_train
+    builtin_n_test: int = _SPEC_DEFAULTS.n_test
+    builtin_image_size: int = _SPEC_DEFAULTS.image_size
+
+
+def builtin_spec(config: RawPairsConfig) -> BuiltinDatasetSpec:
+    """The built-in dataset spec with this run's overrides."""
+    return dataclasses.replace(
+        _SPEC_DEFAULTS,
+        seed=config.builtin_seed,
+        n_train=config.builtin_n_train,
+        n_test=config.builtin_n_test,
+        image_size=config.builtin_image_size,
+    )
+
+
+def resolve_manifest(settings: SpurSettings, batch: str, config: RawPairsConfig, log) -> Path:
+    """The dataset.yaml behind ``batch``: run config, then the registry, then SPUR_DATASET, then built-in."""
+    if config.manifest:
+        return Path(config.manifest).expanduser().resolve()
+    registered = registered_manifest(settings.home_path, batch)
+    if registered is not None:
+        return registered
+    if batch == BUILTIN_BATCH:
+        if settings.dataset:
+            return Path(settings.dataset).expanduser().resolve()
+        spec = builtin_spec(config)
+        out_dir = settings.home_path / "datasets" / f"builtin-seed{spec.seed}-{spec.n_train}x{spec.n_test}-{spec.image_size}px"
+        log.info(f"generating the built-in dataset into {out_dir} ({spec})")
+        return generate_builtin_dataset(out_dir, spec, workers=config.workers)
+    raise FileNotFoundError(
+        f"batch {batch!r} has no dataset.yaml registered under {settings.home_path / 'batches'}; "
+        "register it with `spur run --dataset PATH/dataset.yaml --batch "
+        f"{batch}`, drop it into the inbox, or set raw_pairs' run config `manifest`"
+    )
+
+
+def _split_counts(tables) -> pl.DataFrame:
+    counts = [
+        frame.group_by("split").len().rename({"len": name})
+        for name, frame in (("images", tables.images), ("captions", tables.captions), ("instances", tables.instances))
+    ]
+    summary = counts[0]
+    for other in counts[1:]:
+        summary = summary.join(other, on="split", how="full", coalesce=True)
+    return summary.fill_null(0).sort("split")
+
+
+@dg.asset(
+    partitions_def=batches,
+    group_name="ingest",
+    kinds={"python", "parquet"},
+    code_version="1",
+    io_manager_key="refs",
+    description=(
+        "One dataset batch (a COCO-layout folder with a dataset.yaml), validated: images, captions "
+        "and object instances (masks decoded with pycocotools) as Parquet tables, queryable in "
+        "lineage.duckdb as raw_images, raw_captions, raw_instances. The batch 'builtin' is generated."
+    ),
+)
+def raw_pairs(context: dg.AssetExecutionContext, config: RawPairsConfig, settings: SpurSettings) -> dg.Output:
+    batch = context.partition_key
+    manifest = resolve_manifest(settings, batch, config, context.log)
+    context.log.info(f"reading batch {batch!r} from {manifest}")
+    with recorded_materialization(context, settings, config) as session:
+        tables = load_batch(
+            manifest, batch=batch, on_bad_record=config.on_bad_record, workers=config.workers, progress=context.log.info
+        )
+        session.writer.write_table("raw_images", tables.images)
+        session.writer.write_table("raw_captions", tables.captions)
+        session.writer.write_table("raw_instances", tables.instances)
+        session.writer.write_table("raw_categories", tables.categories)
+        session.writer.write_table("raw_quarantine", tables.quarantine)
+        if tables.images.height == 0:
+            raise ValueError(f"batch {batch!r} ({manifest}): no valid image left; see the quarantine log above")
+        sheet_split = "train" if (tables.images["split"] == "train").any() else tables.images["split"][0]
+        sheet = draw_contact_sheet(
+            manifest,
+            sheet_split,
+            session.writer.path("contact_sheet.png"),
+            image_ids=set(tables.images.filter(pl.col("split") == sheet_split)["image_id"].to_list()),
+        )
+        session.writer.add_file("contact_sheet", sheet.name)
+    per_category = (
+        tables.instances.group_by("category").agg(
+            pl.len().alias("instances"), pl.col("image_id").n_unique().alias("images")
+        ).sort("instances", descending=True)
+    )
+    quarantined = tables.quarantine.height
+    if quarantined:
+        context.log.warning(f"{quarantined} bad records quarantined; see raw_quarantine in lineage.duckdb")
+    return session.output(
+        {
+            "manifest": dg.MetadataValue.path(str(manifest)),
+            "images": tables.images.height,
+            "captions": tables.captions.height,
+            "instances": tables.instances.height,
+            "categories": tables.categories.height,
+            "quarantined_records": quarantined,
+            "per_split": markdown_table(_split_counts(tables)),
+            "per_category": markdown_table(per_category, max_rows=30),
+            "quarantine": markdown_table(tables.quarantine, max_rows=10) if quarantined else "none",
+            "contact_sheet": markdown_image(Path(session.ref.output("contact_sheet").uri), f"{batch}: sample images"),
+        }
+    )

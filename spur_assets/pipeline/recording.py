@@ -1,0 +1,129 @@
+"""One materialization = staged artifacts + a lineage row + a Dagster Output.
+
+Every asset body runs inside :func:`recorded_materialization`: it writes through
+the session's :class:`ArtifactWriter`, and on success the artifacts are
+committed atomically, the lineage row and edges are journalled into DuckDB, and
+``session.output(...)`` builds the Dagster Output with the data version.
+"""
+
+
+import hashlib
+import json
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Iterable, Iterator, Mapping
+
+import dagster as dg
+
+from spur_assets import __version__
+from spur_assets.core.artifacts import ArtifactRef, ArtifactWriter, data_version_of
+from spur_assets.core.lineage import LineageEdge, MaterializationRecord, new_materialization_id
+from spur_assets.pipeline.resources import SpurSettings
+
+
+def config_hash(config: Any) -> str:
+    """sha256 of the canonical JSON of a dg.Config, a dict, or None."""
+    if config is None:
+        raw: Any = {}
+    elif isinstance(config, dg.Config):
+        raw = config.model_dump()
+    else:
+        raw = config
+    return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def upstream_refs(*inputs: ArtifactRef | Mapping[str, ArtifactRef] | None) -> list[ArtifactRef]:
+    """Flatten what the IO manager loaded (a ref, or {partition: ref}) into a list of refs."""
+    refs: list[ArtifactRef] = []
+    for item in inputs:
+        if item is None:
+            continue
+        if isinstance(item, ArtifactRef):
+            refs.append(item)
+        else:
+            refs.extend(item[k] for k in sorted(item))
+    return refs
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+@dataclass
+class MaterializationSession:
+    writer: ArtifactWriter
+    materialization_id: str
+    inputs: list[ArtifactRef]
+    device: str
+    started: float = field(default_factory=time.monotonic)
+    ref: ArtifactRef | None = None
+    lineage_recorded: bool = False
+
+    def output(self, metadata: Mapping[str, Any] | None = None) -> dg.Output:
+        """The Dagster Output for this materialization (call after the with-block)."""
+        if self.ref is None:
+            raise RuntimeError("output() called before the materialization was committed")
+        base = {
+            "materialization_id": self.ref.materialization_id,
+            "data_version": self.ref.data_version,
+            "rows": sum(o.rows for o in self.ref.outputs if o.kind == "table"),
+            "artifact_dir": dg.MetadataValue.path(str(self.writer.final_dir)),
+            "device": self.device,
+            "seconds": round(time.monotonic() - self.started, 2),
+            "lineage_recorded": self.lineage_recorded,
+            "upstream": dg.MetadataValue.json(
+                [{"asset": r.asset, "partition": r.partition, "materialization_id": r.materialization_id} for r in self.inputs]
+            ),
+        }
+        return dg.Output(
+            self.ref,
+            data_version=dg.DataVersion(self.ref.data_version),
+            metadata={**base, **dict(metadata or {})},
+        )
+
+
+@contextmanager
+def recorded_materialization(
+    context: dg.AssetExecutionContext,
+    settings: SpurSettings,
+    config: Any = None,
+    inputs: Iterable[ArtifactRef] = (),
+    device: str = "cpu",
+) -> Iterator[MaterializationSession]:
+    """Stage outputs, then commit them and record lineage; nothing is recorded on failure."""
+    asset = context.asset_key.to_user_string()
+    partition = context.partition_key if context.has_partition_key else ""
+    asset_code_version = context.assets_def.code_versions_by_key.get(context.asset_key) or "0"
+    materialization_id = new_materialization_id()
+    started_at = _utcnow()
+    inputs = list(inputs)
+    with ArtifactWriter(settings.home_path, asset, partition, materialization_id) as writer:
+        session = MaterializationSession(writer, materialization_id, inputs, device)
+        yield session
+        outputs = writer.commit()
+    data_version = data_version_of(outputs)
+    record = MaterializationRecord(
+        materialization_id=materialization_id,
+        asset=asset,
+        partition=partition,
+        run_id=context.run.run_id,
+        code_version=f"{asset}@{asset_code_version}+spur-assets-{__version__}",
+        config_hash=config_hash(config),
+        data_version=data_version,
+        device=device,
+        started_at=started_at,
+        ended_at=_utcnow(),
+        rows=sum(o.rows for o in outputs if o.kind == "table"),
+        outputs=tuple(outputs),
+        edges=tuple(
+            LineageEdge(r.materialization_id, r.asset, r.partition, r.data_version) for r in inputs
+        ),
+    )
+    session.lineage_recorded = settings.lineage().record(record)
+    if not session.lineage_recorded:
+        context.log.warning(
+            f"lineage database stayed locked; {asset} row journalled and applied by the next sync"
+        )
+    session.ref = ArtifactRef(asset, partition, materialization_id, data_version, tuple(outputs))

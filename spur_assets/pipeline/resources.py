@@ -1,0 +1,42 @@
+"""Typed resources: where things live and which device computes."""
+
+
+import os
+from pathlib import Path
+
+import dagster as dg
+
+from spur_assets.core.lineage import LineageStore
+
+
+class SpurSettings(dg.ConfigurableResource):
+    """The configuration names of DESIGN.md §2; each can be overridden by run config.
+
+    Built from the environment by :func:`settings_from_environment`.
+    """
+
+    home: str = ".spur"  # SPUR_HOME: everything is written under it
+    dataset: str = ""  # SPUR_DATASET: a dataset.yaml; empty = the built-in dataset
+    base_model: str = ""  # SPUR_BASE_MODEL: save_pretrained folder or hub id; empty = train a small CLIP
+    inbox: str = ""  # SPUR_INBOX: folder the sensor watches for new batches
+    device: str = "auto"  # SPUR_DEVICE: auto = CUDA, then MPS, then CPU
+
+    @property
+    def home_path(self) -> Path:
+        return Path(self.home).expanduser().resolve()
+
+    def lineage(self) -> LineageStore:
+        return LineageStore(self.home_path)
+
+
+def settings_from_environment(environ: dict[str, str] | None = None) -> SpurSettings:
+    """SpurSettings from SPUR_HOME / SPUR_DATASET / SPUR_BASE_MODEL / SPUR_INBOX / SPUR_DEVICE."""
+    env = os.environ if environ is None else environ
+    home = Path(env.get("SPUR_HOME") or ".spur").expanduser().resolve()
+    return SpurSettings(
+        home=str(home),
+        dataset=env.get("SPUR_DATASET", ""),
+        base_model=env.get("SPUR_BASE_MODEL", ""),
+        inbox=env.get("SPUR_INBOX") or str(home / "inbox"),
+        device=env.get("SPUR_DEVICE", "auto"),
+    )
