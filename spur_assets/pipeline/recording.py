@@ -10,6 +10,7 @@ committed atomically, the lineage row and edges are journalled into DuckDB, and
 import hashlib
 import json
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -77,11 +78,14 @@ class MaterializationSession:
                 [{"asset": r.asset, "partition": r.partition, "materialization_id": r.materialization_id} for r in self.inputs]
             ),
         }
-        return dg.Output(
-            self.ref,
-            data_version=dg.DataVersion(self.ref.data_version),
-            metadata={**base, **dict(metadata or {})},
-        )
+        with warnings.catch_warnings():
+            # data_version on Output is marked beta; it is what makes staleness follow content.
+            warnings.simplefilter("ignore", category=dg.BetaWarning)
+            return dg.Output(
+                self.ref,
+                data_version=dg.DataVersion(self.ref.data_version),
+                metadata={**base, **dict(metadata or {})},
+            )
 
 
 @contextmanager

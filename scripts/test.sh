@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up .venv (pinned) and run the whole test suite, slow end-to-end tests included.
+# Extra arguments go to pytest (e.g. -m "not slow" for the fast ones only).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+exec .venv/bin/python -m pytest -n 2 --dist loadfile "$@"

@@ -1,0 +1,234 @@
+"""The `spur` console script: one-shot runs and lineage audits through the same definitions the UI uses."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _prepare_environment(home: str | None) -> Path:
+    """Fix SPUR_HOME and DAGSTER_HOME before Dagster or the definitions are imported."""
+    if home:
+        os.environ["SPUR_HOME"] = home
+    spur_home = Path(os.environ.get("SPUR_HOME") or ".spur").expanduser().resolve()
+    os.environ["SPUR_HOME"] = str(spur_home)
+    # One Dagster instance for CLI runs and `dagster dev`, so the UI shows both.
+    dagster_home = Path(os.environ.get("DAGSTER_HOME") or spur_home / "dagster").resolve()
+    dagster_home.mkdir(parents=True, exist_ok=True)
+    instance_yaml = dagster_home / "dagster.yaml"
+    if not instance_yaml.exists():
+        # Machines running this are often offline; telemetry would only retry in vain.
+        instance_yaml.write_text("telemetry:\n  enabled: false\n")
+    os.environ["DAGSTER_HOME"] = str(dagster_home)
+    return spur_home
+
+
+def load_definitions():
+    """The Definitions from the repository's definitions.py (the file workspace.yaml loads)."""
+    path = REPO_ROOT / "definitions.py"
+    spec = importlib.util.spec_from_file_location("spur_definitions", path)
+    if spec is None or spec.loader is None:
+        raise FileNotFoundError(f"cannot load {path}; spur needs an editable install of the repository")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.defs
+
+
+def _resolve_batch(spur_home: Path, dataset: str | None, batch: str | None) -> str:
+    from spur_assets.core.batches import BUILTIN_BATCH, batch_id_for_manifest, register_batch, validate_batch_id
+    from spur_assets.core.coco_ingest import read_manifest
+
+    dataset = dataset or os.environ.get("SPUR_DATASET") or None
+    if dataset is None:
+        return validate_batch_id(batch or BUILTIN_BATCH)
+    manifest = read_manifest(Path(dataset).expanduser().resolve())
+    key = validate_batch_id(batch) if batch else batch_id_for_manifest(manifest.path, manifest.name)
+    register_batch(spur_home, key, manifest.path)
+    return key
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    spur_home = _prepare_environment(args.home)
+    import dagster as dg
+
+    from spur_assets.pipeline.ingest import batches
+
+    defs = load_definitions()
+    key = _resolve_batch(spur_home, args.dataset, args.batch)
+    instance = dg.DagsterInstance.get()
+    if not instance.has_dynamic_partition(batches.name, key):
+        instance.add_dynamic_partitions(batches.name, [key])
+
+    assets = list(defs.assets or [])
+    checks = list(defs.asset_checks or [])
+    all_keys = {k for a in assets for k in a.keys}
+    selected = set(dg.AssetSelection.from_coercible(args.select).resolve(assets)) if args.select else all_keys
+    partitioned = {k for a in assets if a.partitions_def == batches for k in a.keys if k in selected}
+    unpartitioned = selected - partitioned
+
+    run_config = _read_run_config(args.config)
+    started = time.monotonic()
+    for label, keys, partition_key in (
+        (f"batch {key}", partitioned, key),
+        ("downstream assets", unpartitioned, None),
+    ):
+        if not keys:
+            continue
+        print(f"[spur] materializing {label}: {', '.join(sorted(k.to_user_string() for k in keys))}", flush=True)
+        result = dg.materialize(
+            [*assets, *checks],
+            selection=sorted(keys, key=lambda k: k.to_user_string()),
+            partition_key=partition_key,
+            run_config=_run_config_for(run_config, keys),
+            instance=instance,
+            resources=defs.resources,
+            raise_on_error=False,
+        )
+        if not result.success:
+            print(f"[spur] run {result.run_id} failed; see the error above or the run in the UI", file=sys.stderr)
+            return 1
+    elapsed = time.monotonic() - started
+    _print_where_results_are(spur_home, elapsed)
+    return 0
+
+
+def _read_run_config(path: str | None) -> dict:
+    """Run config from a YAML file shaped like the launchpad's ({ops: {asset: {config: ...}}, resources: ...})."""
+    if not path:
+        return {}
+    import yaml
+
+    loaded = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(loaded, dict):
+        raise SystemExit(f"{path}: run config must be a mapping with 'ops' and/or 'resources'")
+    return loaded
+
+
+def _run_config_for(run_config: dict, keys) -> dict:
+    """The part of ``run_config`` that applies to the assets in this materialization."""
+    names = {k.to_user_string() for k in keys}
+    selected = {**run_config}
+    if "ops" in run_config:
+        selected["ops"] = {name: cfg for name, cfg in run_config["ops"].items() if name in names}
+    return selected
+
+
+def _print_where_results_are(spur_home: Path, elapsed: float) -> None:
+    from spur_assets.core.lineage import LineageStore
+
+    store = LineageStore(spur_home)
+    summary = store.query("materializations_by_asset")
+    print(f"[spur] done in {elapsed:.0f} s. Everything is under {spur_home}")
+    for row in summary.iter_rows(named=True):
+        part = f"[{row['partition']}]" if row["partition"] else ""
+        print(f"  {row['asset']}{part}: {row['materializations']} materialization(s), latest {row['latest_materialization_id']}")
+    report = spur_home / "reports" / "latest" / "report.json"
+    if report.is_file():
+        print(f"[spur] report: {report}")
+        for sibling in ("report.md", "report.html"):
+            if (report.parent / sibling).is_file():
+                print(f"[spur] report ({sibling.split('.')[-1]}): {report.parent / sibling}")
+    else:
+        print("[spur] no metric report yet (metric_report is not part of this run)")
+    print(f"[spur] lineage: {store.db_path}  (try: spur lineage ancestry raw_pairs)")
+    print(f"[spur] UI: DAGSTER_HOME={os.environ['DAGSTER_HOME']} .venv/bin/dagster dev -w workspace.yaml")
+
+
+def cmd_lineage(args: argparse.Namespace) -> int:
+    spur_home = _prepare_environment(args.home)
+    import polars as pl
+
+    from spur_assets.core.lineage import LineageStore
+
+    store = LineageStore(spur_home)
+    pl.Config.set_tbl_rows(200)
+    pl.Config.set_tbl_width_chars(200)
+    pl.Config.set_fmt_str_lengths(40)
+    if args.lineage_command == "sync":
+        print(f"applied {store.sync()} pending lineage entries to {store.db_path}")
+        return 0
+    if args.lineage_command == "materializations":
+        print(store.query("materializations_by_asset"))
+        return 0
+    if args.lineage_command == "ancestry":
+        target = args.target
+        latest = store.latest(target, args.partition)
+        materialization_id = latest["materialization_id"] if latest else target
+        chain = store.ancestry(materialization_id)
+        if chain.height == 0:
+            print(f"no materialization {target!r} (asset name or materialization id) in {store.db_path}", file=sys.stderr)
+            return 1
+        if args.json:
+            print(json.dumps(chain.to_dicts(), default=str, indent=1))
+        else:
+            print(chain.select("depth", "asset", "partition", "materialization_id", "data_version", "run_id", "ended_at"))
+        return 0
+    raise AssertionError(args.lineage_command)
+
+
+def cmd_dataset(args: argparse.Namespace) -> int:
+    from spur_assets.core.builtin_dataset import BuiltinDatasetSpec, generate_builtin_dataset
+    from spur_assets.core.contact_sheet import draw_contact_sheet
+
+    spec = BuiltinDatasetSpec(seed=args.seed, n_train=args.n_train, n_test=args.n_test, image_size=args.image_size)
+    started = time.monotonic()
+    manifest = generate_builtin_dataset(Path(args.out), spec, workers=args.workers)
+    sheet = draw_contact_sheet(manifest, "train", Path(args.out) / "contact_sheet.png")
+    print(f"wrote {manifest} in {time.monotonic() - started:.1f} s; contact sheet: {sheet}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spur", description=__doc__)
+    parser.add_argument("--home", help="SPUR_HOME (default: $SPUR_HOME or ./.spur)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="materialize the asset graph for one batch and print where the results are")
+    run.add_argument("--dataset", help="a dataset.yaml (default: $SPUR_DATASET, else the built-in dataset)")
+    run.add_argument("--batch", help="batch id (partition key); default: the manifest's name, or 'builtin'")
+    run.add_argument("--select", help="Dagster asset selection, e.g. 'raw_pairs' or '*spurious_features'")
+    run.add_argument("--config", help="YAML run config, as in the launchpad: {ops: {raw_pairs: {config: {...}}}}")
+    run.set_defaults(func=cmd_run)
+
+    lineage = sub.add_parser("lineage", help="audit lineage stored in SPUR_HOME/lineage.duckdb")
+    lineage_sub = lineage.add_subparsers(dest="lineage_command", required=True)
+    ancestry = lineage_sub.add_parser("ancestry", help="upstream chain of an asset's latest materialization, or of a materialization id")
+    ancestry.add_argument("target", help="asset name (latest materialization) or materialization id")
+    ancestry.add_argument("--partition", help="partition of the asset (e.g. a batch id)")
+    ancestry.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    lineage_sub.add_parser("materializations", help="materializations per asset and partition")
+    lineage_sub.add_parser("sync", help="apply journalled lineage rows that a locked database held back")
+    lineage.set_defaults(func=cmd_lineage)
+
+    dataset = sub.add_parser("dataset", help="write the built-in dataset to a folder (COCO layout + dataset.yaml)")
+    dataset.add_argument("out")
+    dataset.add_argument("--seed", type=int, default=0)
+    dataset.add_argument("--n-train", type=int, default=None)
+    dataset.add_argument("--n-test", type=int, default=None)
+    dataset.add_argument("--image-size", type=int, default=None)
+    dataset.add_argument("--workers", type=int, default=1)
+    dataset.set_defaults(func=cmd_dataset)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "command", None) == "dataset":
+        from spur_assets.core.builtin_dataset import BuiltinDatasetSpec
+
+        defaults = BuiltinDatasetSpec()
+        args.n_train = args.n_train or defaults.n_train
+        args.n_test = args.n_test or defaults.n_test
+        args.image_size = args.image_size or defaults.image_size
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
