@@ -79,3 +79,17 @@ def test_sources_and_matrix():
 def test_zero_images_is_an_error():
     with pytest.raises(ValueError):
         pair_statistics(_image_categories([]), 0, "instances")
+
+
+def test_mutual_pairs_keep_the_smaller_companion():
+    from spur_assets.core.cooccurrence import orient_mutual_pairs
+
+    pairs = pl.DataFrame({"anchor": ["dog", "frisbee", "car"], "companion": ["frisbee", "dog", "traffic light"]})
+    images = pl.DataFrame({"image_id": [1, 2], "width": [10, 10], "height": [10, 10]})
+    instances = pl.DataFrame({
+        "image_id": [1, 1, 2, 2],
+        "category": ["dog", "frisbee", "car", "traffic light"],
+        "mask_area": [30, 4, 20, 50],  # frisbee smaller than dog; traffic light bigger, but (traffic light, car) is not flagged
+    })
+    kept = orient_mutual_pairs(pairs, instances, images)
+    assert kept.rows() == [("dog", "frisbee"), ("car", "traffic light")]

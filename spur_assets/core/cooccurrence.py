@@ -109,3 +109,32 @@ def cooccurrence_matrix(image_categories: pl.DataFrame, categories: list[str]) -
     lookup = {(a, b): p for a, b, p in stats.select("anchor", "companion", "p_companion_given_anchor").iter_rows()}
     matrix = [[1.0 if a == b else lookup.get((a, b), 0.0) for b in categories] for a in categories]
     return categories, matrix
+
+
+def orient_mutual_pairs(pairs: pl.DataFrame, instances: pl.DataFrame, images: pl.DataFrame) -> pl.DataFrame:
+    """Keep one direction of each pair flagged both ways: the one whose companion is smaller.
+
+    When a and b nearly always appear together, the rule flags (a, b) and (b, a).
+    A counterfactual removes the companion, and removing the large object of a
+    scene leaves little to retrieve by, so the direction kept is the one whose
+    companion covers the smaller median share of its image (ties: the first in
+    ``pairs`` order). ``instances`` needs image_id, category, mask_area;
+    ``images`` image_id, width, height. Pairs flagged one way only pass through.
+    """
+    share = (
+        instances.join(images.select("image_id", "width", "height"), on="image_id")
+        .with_columns((pl.col("mask_area") / (pl.col("width") * pl.col("height"))).alias("share"))
+        .group_by("category")
+        .agg(pl.col("share").median())
+    )
+    size = dict(share.iter_rows())
+    flagged = {(a, b) for a, b in pairs.select("anchor", "companion").iter_rows()}
+    keep = []
+    for a, b in pairs.select("anchor", "companion").iter_rows():
+        if (b, a) in flagged and size.get(b, 0.0) > size.get(a, 0.0):
+            keep.append(False)
+        elif (b, a) in flagged and size.get(b, 0.0) == size.get(a, 0.0):
+            keep.append(a < b)  # deterministic tie-break
+        else:
+            keep.append(True)
+    return pairs.filter(pl.Series(keep, dtype=pl.Boolean))

@@ -1,0 +1,597 @@
+"""Contrastive training of a CLIP model: from scratch, or fine-tuning with counterfactual hard negatives.
+
+Batches (one epoch). Each image contributes up to `captions_per_image` of its captions per epoch
+(all of them when None), drawn without replacement. The epoch runs in rounds: round r takes the
+r-th drawn caption of every image that has one, shuffles those pairs and cuts them into
+near-equal batches of at most `batch_size`. A batch therefore never holds two captions of the
+same image, so no image's own caption is ever used as a negative for it. The order of all
+batches of the epoch is then shuffled. The shuffling generator is seeded from (seed, epoch), so
+an epoch's batches do not depend on what ran before, which keeps resumed runs identical to
+uninterrupted ones.
+
+Hard negatives (DESIGN.md §4, Mitigation). `hard_negative_text[i]` names a caption (by index
+into `captions`) that is a hard-negative TEXT for image i: when i is in a batch that caption
+joins the image→text denominator of every image in the batch, except images it describes
+(its own image). `hard_negative_image[c]` names an image that is a hard-negative IMAGE for
+caption c: it joins the text→image denominator of every caption in the batch. Extras already
+in the batch are not added twice.
+
+Duplicate captions (templated data repeats texts across images) are masked as negatives for
+each other when `mask_duplicate_captions` is set: two pairs whose captions are the same
+string are not pushed apart.
+
+Resumable state (when `checkpoint_dir` is given): after each epoch,
+`checkpoint_dir/epoch-NNNN/` holds model.safetensors, optimizer.safetensors (Adam moments),
+rng.safetensors and state.json (scheduler, param groups, history, a fingerprint of config and
+data). No pickle anywhere. A call with the same config and data resumes from the last complete
+epoch; a different config or data raises.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+from spur_assets.core.clip_model import ClipBundle, pixel_values_from_uint8, processor_image_size, text_max_length
+from spur_assets.core.devices import autocast_for
+
+STATE_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyperparameters of one contrastive training run (CLIP's recipe, small-scale defaults)."""
+
+    epochs: int
+    batch_size: int = 256
+    lr: float = 5e-4
+    weight_decay: float = 0.1
+    warmup_steps: int = 50
+    seed: int = 0
+    # Captions per image per epoch; None uses every caption every epoch.
+    captions_per_image: int | None = 1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.98  # CLIP's value; 0.999 is unstable for contrastive training
+    adam_eps: float = 1e-6
+    grad_clip_norm: float | None = 1.0
+    # CLIP clamps the learned temperature multiplier exp(logit_scale) at 100.
+    max_logit_scale: float = 100.0
+    mask_duplicate_captions: bool = True
+    log_every_steps: int = 20
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0:
+            raise ValueError(f"TrainConfig.epochs={self.epochs} must be >= 0.")
+        if self.batch_size < 2:
+            raise ValueError(f"TrainConfig.batch_size={self.batch_size} must be >= 2 (contrastive loss needs negatives).")
+        if self.captions_per_image is not None and self.captions_per_image < 1:
+            raise ValueError(f"TrainConfig.captions_per_image={self.captions_per_image} must be >= 1 or None (all).")
+        if self.lr <= 0 or self.warmup_steps < 0 or self.max_logit_scale <= 1:
+            raise ValueError(
+                f"TrainConfig: lr={self.lr} must be > 0, warmup_steps={self.warmup_steps} >= 0, "
+                f"max_logit_scale={self.max_logit_scale} > 1."
+            )
+
+
+# --------------------------------------------------------------------------- loss
+
+
+def contrastive_loss(
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    logit_scale: torch.Tensor,
+    extra_text_emb: torch.Tensor | None = None,
+    extra_image_emb: torch.Tensor | None = None,
+    *,
+    false_negative_mask: torch.Tensor | None = None,
+    extra_text_mask: torch.Tensor | None = None,
+    extra_image_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Symmetric InfoNCE of CLIP over a batch of B matching pairs (image i, text i).
+
+    Embeddings are L2-normalised rows [B, D]; `logit_scale` is CLIP's log temperature
+    multiplier (logits = exp(logit_scale) * cosine). Loss = (CE(image→text) + CE(text→image)) / 2,
+    the same as transformers' CLIP loss when no extras or masks are given.
+    `extra_text_emb` [Et, D] are hard-negative texts: extra columns in every image's
+    image→text softmax. `extra_image_emb` [Ei, D] are hard-negative images: extra columns in
+    every text's text→image softmax. Masks (True = leave out of that row's denominator):
+    `false_negative_mask` [B, B] for in-batch pairs (applied in both directions, diagonal
+    ignored), `extra_text_mask` [B, Et] for image rows, `extra_image_mask` [B, Ei] for text rows.
+    Computed in float32.
+    """
+    image_emb = image_emb.float()
+    text_emb = text_emb.float()
+    batch = image_emb.shape[0]
+    if text_emb.shape[0] != batch:
+        raise ValueError(f"contrastive_loss: {batch} images but {text_emb.shape[0]} texts; pairs must match row by row.")
+    scale = logit_scale.float().exp()
+    logits_i2t = scale * image_emb @ text_emb.T
+    logits_t2i = logits_i2t.T
+    if false_negative_mask is not None:
+        off_diagonal = false_negative_mask.to(torch.bool) & ~torch.eye(batch, dtype=torch.bool, device=image_emb.device)
+        logits_i2t = logits_i2t.masked_fill(off_diagonal, float("-inf"))
+        logits_t2i = logits_t2i.masked_fill(off_diagonal.T, float("-inf"))
+    if extra_text_emb is not None and extra_text_emb.shape[0] > 0:
+        extra = scale * image_emb @ extra_text_emb.float().T
+        if extra_text_mask is not None:
+            extra = extra.masked_fill(extra_text_mask.to(torch.bool), float("-inf"))
+        logits_i2t = torch.cat([logits_i2t, extra], dim=1)
+    if extra_image_emb is not None and extra_image_emb.shape[0] > 0:
+        extra = scale * text_emb @ extra_image_emb.float().T
+        if extra_image_mask is not None:
+            extra = extra.masked_fill(extra_image_mask.to(torch.bool), float("-inf"))
+        logits_t2i = torch.cat([logits_t2i, extra], dim=1)
+    targets = torch.arange(batch, device=image_emb.device)
+    return (F.cross_entropy(logits_i2t, targets) + F.cross_entropy(logits_t2i, targets)) / 2
+
+
+# --------------------------------------------------------------------------- batching
+
+
+def epoch_batches(
+    caption_image: torch.Tensor,
+    batch_size: int,
+    captions_per_image: int | None,
+    seed: int,
+    epoch: int,
+) -> list[torch.Tensor]:
+    """Caption indices of each batch of one epoch (0-based `epoch`), each batch with distinct images.
+
+    The scheme is the module docstring's: rounds of one caption per image, each round shuffled
+    and cut into near-equal batches of at most `batch_size`, batch order shuffled. Deterministic
+    in (caption_image, batch_size, captions_per_image, seed, epoch).
+    """
+    generator = torch.Generator().manual_seed(_epoch_seed(seed, epoch))
+    n_captions = int(caption_image.shape[0])
+    if n_captions == 0:
+        return []
+    # Random order of captions within each image: sort by random key, then stably by image.
+    keys = torch.rand(n_captions, generator=generator)
+    by_key = torch.argsort(keys, stable=True)
+    grouped = by_key[torch.argsort(caption_image[by_key], stable=True)]
+    grouped_images = caption_image[grouped]
+    starts = torch.ones(n_captions, dtype=torch.bool)
+    starts[1:] = grouped_images[1:] != grouped_images[:-1]
+    group_start = torch.cummax(torch.where(starts, torch.arange(n_captions), torch.zeros(n_captions, dtype=torch.long)), 0).values
+    rank = torch.arange(n_captions) - group_start
+    rounds = int(rank.max()) + 1
+    if captions_per_image is not None:
+        rounds = min(rounds, captions_per_image)
+    batches: list[torch.Tensor] = []
+    for round_index in range(rounds):
+        members = grouped[rank == round_index]
+        members = members[torch.randperm(members.shape[0], generator=generator)]
+        n_batches = math.ceil(members.shape[0] / batch_size)
+        batches.extend(torch.tensor_split(members, n_batches))
+    order = torch.randperm(len(batches), generator=generator)
+    return [batches[i] for i in order.tolist()]
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    digest = hashlib.sha256(f"spur-assets/epoch-batches/{seed}/{epoch}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+# --------------------------------------------------------------------------- training
+
+
+def train_clip(
+    bundle: ClipBundle,
+    images_uint8: torch.Tensor,
+    captions: Sequence[str],
+    caption_image: torch.Tensor,
+    config: TrainConfig,
+    device: torch.device | str,
+    hard_negative_text: torch.Tensor | None = None,
+    hard_negative_image: torch.Tensor | None = None,
+    checkpoint_dir: Path | None = None,
+    progress: Callable[[dict], None] | None = None,
+) -> list[dict]:
+    """Train `bundle.model` in place with CLIP's contrastive loss; return the per-epoch history.
+
+    `images_uint8` [N, 3, S, S] are resized images (S = the processor's crop size);
+    `captions[c]` describes image `caption_image[c]` (int64 [C]). Hard negatives (int64, -1 =
+    none): `hard_negative_text` [N] caption index per image, `hard_negative_image` [C] image
+    index per caption; see the module docstring. AdamW (no decay on biases, norms, embeddings
+    and logit_scale), linear warmup then cosine decay to 0, gradient clipping, logit_scale
+    clamped to [0, log(max_logit_scale)]. On CPU two runs with the same seed give identical
+    weights. A non-finite loss raises FloatingPointError naming epoch and step. With
+    `checkpoint_dir`, state is saved after every epoch and a repeated call resumes from the
+    last complete epoch. `progress` receives {epoch, step, steps_in_epoch, loss, lr,
+    pairs_per_second} every `log_every_steps` steps. History rows: {epoch, loss, seconds,
+    pairs, lr, logit_scale} (epoch counted from 1). The model is left in eval mode on `device`.
+    """
+    device = torch.device(device)
+    model = bundle.model
+    if hard_negative_text is not None:
+        hard_negative_text = torch.as_tensor(hard_negative_text, dtype=torch.long).cpu()
+    if hard_negative_image is not None:
+        hard_negative_image = torch.as_tensor(hard_negative_image, dtype=torch.long).cpu()
+    caption_image = _validate_inputs(bundle, images_uint8, captions, caption_image, hard_negative_text, hard_negative_image)
+    tokens = bundle.tokenizer(
+        [str(c) for c in captions], padding="max_length", truncation=True, max_length=text_max_length(bundle), return_tensors="pt"
+    )
+    input_ids, attention_mask = tokens["input_ids"], tokens["attention_mask"]
+    text_id = _text_ids(captions)
+
+    steps_per_epoch = len(epoch_batches(caption_image, config.batch_size, config.captions_per_image, config.seed, 0))
+    total_steps = max(1, steps_per_epoch * config.epochs)
+    model.to(device)
+    optimizer = _make_optimizer(model, config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(config.warmup_steps, total_steps))
+
+    hn_text, hn_image = hard_negative_text, hard_negative_image
+    fingerprint = "" if checkpoint_dir is None else _fingerprint(config, images_uint8, captions, caption_image, hn_text, hn_image)
+    previous_deterministic = torch.are_deterministic_algorithms_enabled()
+    previous_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    # CUDA kernels are not all deterministic; there we only warn, and promise identity on CPU.
+    torch.use_deterministic_algorithms(True, warn_only=device.type != "cpu")
+    # Seed the global RNG (dropout, if a config enables it) without disturbing the caller's.
+    cuda_devices = []
+    if device.type == "cuda":
+        cuda_devices = [torch.cuda.current_device() if device.index is None else device.index]
+    with torch.random.fork_rng(devices=cuda_devices):
+        torch.manual_seed(config.seed)
+        try:
+            history = _run_epochs(
+                bundle, images_uint8, input_ids, attention_mask, text_id, caption_image, hn_text, hn_image,
+                config, device, optimizer, scheduler, fingerprint, checkpoint_dir, progress,
+            )
+        finally:
+            torch.use_deterministic_algorithms(previous_deterministic, warn_only=previous_warn_only)
+            model.eval()
+    return history
+
+
+def _run_epochs(
+    bundle: ClipBundle,
+    images_uint8: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    text_id: torch.Tensor,
+    caption_image: torch.Tensor,
+    hn_text: torch.Tensor | None,
+    hn_image: torch.Tensor | None,
+    config: TrainConfig,
+    device: torch.device,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    fingerprint: str,
+    checkpoint_dir: Path | None,
+    progress: Callable[[dict], None] | None,
+) -> list[dict]:
+    model = bundle.model
+    history: list[dict] = []
+    start_epoch = 0
+    if checkpoint_dir is not None:
+        resumed = _load_latest_state(Path(checkpoint_dir), fingerprint, model, optimizer, scheduler, device)
+        if resumed is not None:
+            start_epoch, history = resumed
+    for epoch in range(start_epoch, config.epochs):
+        model.train()
+        started = time.perf_counter()
+        batches = epoch_batches(caption_image, config.batch_size, config.captions_per_image, config.seed, epoch)
+        loss_sum, pairs_done, window_pairs, window_started = 0.0, 0, 0, time.perf_counter()
+        for step, batch_captions in enumerate(batches):
+            loss = _batch_loss(
+                bundle, images_uint8, input_ids, attention_mask, text_id, caption_image,
+                batch_captions, hn_text, hn_image, config, device,
+            )
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"train_clip: loss is {loss.item()} at epoch {epoch + 1} step {step + 1} of {len(batches)} "
+                    f"(global step {scheduler.last_epoch + 1}, lr {scheduler.get_last_lr()[0]:.3g}); "
+                    "training stopped. Lower TrainConfig.lr or check the weights and images for NaN/inf."
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
+            optimizer.step()
+            scheduler.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0.0, math.log(config.max_logit_scale))
+            batch_pairs = int(batch_captions.shape[0])
+            loss_sum += loss.item() * batch_pairs
+            pairs_done += batch_pairs
+            window_pairs += batch_pairs
+            if progress is not None and ((step + 1) % config.log_every_steps == 0 or step + 1 == len(batches)):
+                now = time.perf_counter()
+                progress({
+                    "epoch": epoch + 1,
+                    "step": step + 1,
+                    "steps_in_epoch": len(batches),
+                    "loss": loss.item(),
+                    "lr": scheduler.get_last_lr()[0],
+                    "pairs_per_second": window_pairs / max(now - window_started, 1e-9),
+                })
+                window_pairs, window_started = 0, now
+        history.append({
+            "epoch": epoch + 1,
+            "loss": loss_sum / max(pairs_done, 1),
+            "seconds": time.perf_counter() - started,
+            "pairs": pairs_done,
+            "lr": scheduler.get_last_lr()[0],
+            "logit_scale": float(model.logit_scale.exp().item()),
+        })
+        if checkpoint_dir is not None:
+            _save_state(Path(checkpoint_dir), epoch + 1, fingerprint, model, optimizer, scheduler, history, device)
+    return history
+
+
+def _batch_loss(
+    bundle: ClipBundle,
+    images_uint8: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    text_id: torch.Tensor,
+    caption_image: torch.Tensor,
+    batch_captions: torch.Tensor,
+    hn_text: torch.Tensor | None,
+    hn_image: torch.Tensor | None,
+    config: TrainConfig,
+    device: torch.device,
+) -> torch.Tensor:
+    model = bundle.model
+    batch_images = caption_image[batch_captions]
+
+    extra_texts = torch.empty(0, dtype=torch.long)
+    if hn_text is not None:
+        extra_texts = hn_text[batch_images]
+        extra_texts = torch.unique(extra_texts[extra_texts >= 0])
+        extra_texts = extra_texts[~torch.isin(extra_texts, batch_captions)]
+    extra_images = torch.empty(0, dtype=torch.long)
+    if hn_image is not None:
+        extra_images = hn_image[batch_captions]
+        extra_images = torch.unique(extra_images[extra_images >= 0])
+        # An extra image that is in the batch is already a column there (and is its own caption's positive).
+        extra_images = extra_images[~torch.isin(extra_images, batch_images)]
+
+    all_images = torch.cat([batch_images, extra_images])
+    all_texts = torch.cat([batch_captions, extra_texts])
+    pixels = pixel_values_from_uint8(images_uint8[all_images].to(device), bundle.image_processor)
+    ids = input_ids[all_texts]
+    mask = attention_mask[all_texts]
+    length = int(mask.sum(dim=1).max())  # drop all-padding columns; pooling is on the eos token
+    ids, mask = ids[:, :length].to(device), mask[:, :length].to(device)
+
+    with autocast_for(device):
+        image_features = model.get_image_features(pixel_values=pixels).pooler_output
+        text_features = model.get_text_features(input_ids=ids, attention_mask=mask).pooler_output
+    image_emb = F.normalize(image_features.float(), dim=-1)
+    text_emb = F.normalize(text_features.float(), dim=-1)
+
+    batch = int(batch_captions.shape[0])
+    false_negatives = None
+    if config.mask_duplicate_captions:
+        batch_text_id = text_id[batch_captions]
+        false_negatives = (batch_text_id[:, None] == batch_text_id[None, :]).to(device)
+    # A hard-negative text still describes its own image: never a negative for that image.
+    extra_text_mask = (batch_images[:, None] == caption_image[extra_texts][None, :]).to(device)
+    if config.mask_duplicate_captions and extra_texts.numel():
+        extra_text_mask |= (text_id[batch_captions][:, None] == text_id[extra_texts][None, :]).to(device)
+    return contrastive_loss(
+        image_emb[:batch],
+        text_emb[:batch],
+        model.logit_scale,
+        extra_text_emb=text_emb[batch:],
+        extra_image_emb=image_emb[batch:],
+        false_negative_mask=false_negatives,
+        extra_text_mask=extra_text_mask,
+    )
+
+
+def _validate_inputs(
+    bundle: ClipBundle,
+    images_uint8: torch.Tensor,
+    captions: Sequence[str],
+    caption_image: torch.Tensor,
+    hard_negative_text: torch.Tensor | None,
+    hard_negative_image: torch.Tensor | None,
+) -> torch.Tensor:
+    size = processor_image_size(bundle.image_processor)
+    if images_uint8.dtype != torch.uint8 or images_uint8.ndim != 4 or tuple(images_uint8.shape[1:]) != (3, size, size):
+        raise ValueError(
+            f"train_clip: images_uint8 must be uint8 [N, 3, {size}, {size}] (the image processor's crop size), "
+            f"got {images_uint8.dtype} {tuple(images_uint8.shape)}; load them with load_images_uint8(paths, size={size})."
+        )
+    n_images, n_captions = int(images_uint8.shape[0]), len(captions)
+    caption_image = torch.as_tensor(caption_image, dtype=torch.long).cpu()
+    if caption_image.shape != (n_captions,):
+        raise ValueError(f"train_clip: caption_image has shape {tuple(caption_image.shape)}, expected ({n_captions},), one image index per caption.")
+    _check_indices("caption_image", caption_image, n_images, "images_uint8", allow_none=False)
+    if hard_negative_text is not None:
+        if tuple(hard_negative_text.shape) != (n_images,):
+            raise ValueError(f"train_clip: hard_negative_text has shape {tuple(hard_negative_text.shape)}, expected ({n_images},), one caption index (or -1) per image.")
+        _check_indices("hard_negative_text", hard_negative_text.long(), n_captions, "captions", allow_none=True)
+    if hard_negative_image is not None:
+        if tuple(hard_negative_image.shape) != (n_captions,):
+            raise ValueError(f"train_clip: hard_negative_image has shape {tuple(hard_negative_image.shape)}, expected ({n_captions},), one image index (or -1) per caption.")
+        _check_indices("hard_negative_image", hard_negative_image.long(), n_images, "images_uint8", allow_none=True)
+        own = hard_negative_image.long() == caption_image
+        if bool(own.any()):
+            first = int(torch.nonzero(own)[0])
+            raise ValueError(f"train_clip: hard_negative_image[{first}] is caption {first}'s own image {int(caption_image[first])}; a hard negative must be another image.")
+    return caption_image
+
+
+def _check_indices(field: str, values: torch.Tensor, bound: int, target: str, allow_none: bool) -> None:
+    low = -1 if allow_none else 0
+    bad = (values < low) | (values >= bound)
+    if bool(bad.any()):
+        first = int(torch.nonzero(bad)[0])
+        allowed = f"-1 (none) or 0..{bound - 1}" if allow_none else f"0..{bound - 1}"
+        raise ValueError(f"train_clip: {field}[{first}] = {int(values[first])} is not an index into {target}; expected {allowed}.")
+
+
+def _text_ids(captions: Sequence[str]) -> torch.Tensor:
+    seen: dict[str, int] = {}
+    return torch.tensor([seen.setdefault(str(c), len(seen)) for c in captions], dtype=torch.long)
+
+
+def _make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        # CLIP's recipe: decay only weight matrices, not gains, biases, embeddings or the temperature.
+        if parameter.ndim < 2 or "embedding" in name or "logit_scale" in name:
+            no_decay.append(parameter)
+        else:
+            decay.append(parameter)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr,
+        betas=(config.adam_beta1, config.adam_beta2),
+        eps=config.adam_eps,
+        foreach=False,  # the per-parameter loop is deterministic and fast enough at this size
+    )
+
+
+def _warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+# --------------------------------------------------------------------------- resumable state
+
+
+def _fingerprint(
+    config: TrainConfig,
+    images_uint8: torch.Tensor,
+    captions: Sequence[str],
+    caption_image: torch.Tensor,
+    hard_negative_text: torch.Tensor | None,
+    hard_negative_image: torch.Tensor | None,
+) -> str:
+    digest = hashlib.sha256()
+    settings = {k: v for k, v in asdict(config).items() if k != "log_every_steps"}
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    digest.update(str(tuple(images_uint8.shape)).encode())
+    digest.update(images_uint8.contiguous().cpu().numpy().tobytes())
+    digest.update(json.dumps([str(c) for c in captions]).encode())
+    for tensor in (caption_image, hard_negative_text, hard_negative_image):
+        digest.update(b"none" if tensor is None else tensor.long().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _state_dir_name(epoch: int) -> str:
+    return f"epoch-{epoch:04d}"
+
+
+def _save_state(
+    checkpoint_dir: Path,
+    epoch: int,
+    fingerprint: str,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    history: list[dict],
+    device: torch.device,
+) -> None:
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    final = checkpoint_dir / _state_dir_name(epoch)
+    partial = checkpoint_dir / f".{final.name}.partial-{os.getpid()}"
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir()
+    save_model(model, str(partial / "model.safetensors"))
+
+    optimizer_state = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, object]] = {}
+    for index, slot in optimizer_state["state"].items():
+        for key, value in slot.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    save_file(tensors, str(partial / "optimizer.safetensors"))
+
+    rng = {"torch_cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["torch_cuda"] = torch.cuda.get_rng_state(device)
+    save_file(rng, str(partial / "rng.safetensors"))
+
+    scheduler_state = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+    state = {
+        "format_version": STATE_FORMAT_VERSION,
+        "epoch": epoch,
+        "fingerprint": fingerprint,
+        "history": history,
+        "optimizer_param_groups": optimizer_state["param_groups"],
+        "optimizer_scalars": scalars,
+        "scheduler": scheduler_state,
+    }
+    # state.json is written last: its presence marks the state complete.
+    (partial / "state.json").write_text(json.dumps(state, indent=1, sort_keys=True))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(partial, final)
+    for older in checkpoint_dir.glob("epoch-*"):
+        if older.name != final.name and older.is_dir():
+            shutil.rmtree(older)
+
+
+def _load_latest_state(
+    checkpoint_dir: Path,
+    fingerprint: str,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    device: torch.device,
+) -> tuple[int, list[dict]] | None:
+    complete = sorted(p for p in checkpoint_dir.glob("epoch-*") if (p / "state.json").is_file())
+    if not complete:
+        return None
+    latest = complete[-1]
+    state = json.loads((latest / "state.json").read_text())
+    if state.get("format_version") != STATE_FORMAT_VERSION:
+        raise ValueError(
+            f"train_clip: {latest / 'state.json'} has format_version {state.get('format_version')}, "
+            f"this code reads {STATE_FORMAT_VERSION}; use an empty checkpoint_dir."
+        )
+    if state["fingerprint"] != fingerprint:
+        raise ValueError(
+            f"train_clip: {latest / 'state.json'} field fingerprint belongs to a different config or data set "
+            "than this call; pass a fresh checkpoint_dir, or delete that folder to start over."
+        )
+    missing, unexpected = load_model(model, str(latest / "model.safetensors"), strict=True, device=str(device))
+    if missing or unexpected:
+        raise ValueError(f"train_clip: {latest / 'model.safetensors'} does not fit the model (missing {missing}, unexpected {unexpected}).")
+
+    tensors = load_file(str(latest / "optimizer.safetensors"))
+    slots: dict[int, dict[str, object]] = {}
+    for key, value in tensors.items():
+        index, _, name = key.partition(".")
+        slots.setdefault(int(index), {})[name] = value
+    for index, values in state["optimizer_scalars"].items():
+        slots.setdefault(int(index), {}).update(values)
+    param_groups = state["optimizer_param_groups"]
+    for group in param_groups:
+        if "betas" in group:
+            group["betas"] = tuple(group["betas"])
+    optimizer.load_state_dict({"state": slots, "param_groups": param_groups})
+    scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
+
+    rng = load_file(str(latest / "rng.safetensors"))
+    torch.set_rng_state(rng["torch_cpu"])
+    if device.type == "cuda" and "torch_cuda" in rng:
+        torch.cuda.set_rng_state(rng["torch_cuda"], device)
+    return int(state["epoch"]), list(state["history"])
