@@ -1,0 +1,137 @@
+"""`base_checkpoint`: the model under audit, as a Hugging Face save_pretrained folder."""
+
+import time
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+import torch
+
+from spur_assets.core.artifacts import ArtifactRef
+from spur_assets.core.batch_union import union_split
+from spur_assets.core.clip_model import load_checkpoint, load_images_uint8, new_small_clip, save_checkpoint
+from spur_assets.core.devices import resolve_device
+from spur_assets.core.plots import loss_curve
+from spur_assets.core.training import TrainConfig, train_clip
+from spur_assets.pipeline.recording import recorded_materialization, upstream_refs
+from spur_assets.pipeline.resources import SpurSettings
+from spur_assets.pipeline.ui_metadata import markdown_image, markdown_table
+
+
+class BaseCheckpointConfig(dg.Config):
+    """The small CLIP trained from scratch when SPUR_BASE_MODEL is unset (ignored otherwise)."""
+
+    image_size: int = 64
+    patch_size: int = 8
+    width: int = 128
+    layers: int = 3
+    heads: int = 4
+    vocab_size: int = 1024
+    epochs: int = 12
+    batch_size: int = 128
+    lr: float = 1e-3
+    captions_per_image: int = 1  # captions of each image seen per epoch
+    seed: int = 0
+    workers: int = 2  # image decoding threads
+
+
+def train_split_tables(raw_pairs: dict[str, ArtifactRef], split: str):
+    """One split of all batches, ids renumbered globally (images sorted so image_id == row)."""
+    return union_split(
+        [r.read_table("raw_images") for r in raw_pairs.values()],
+        [r.read_table("raw_captions") for r in raw_pairs.values()],
+        [r.read_table("raw_instances") for r in raw_pairs.values()],
+        split,
+    )
+
+
+def _log_progress(context: dg.AssetExecutionContext):
+    def log(event: dict) -> None:
+        context.log.info(
+            "epoch {epoch} step {step}/{steps_in_epoch}: loss {loss:.4f}, {pairs_per_second:.0f} pairs/s".format(**event)
+        )
+
+    return log
+
+
+@dg.asset(
+    group_name="expose",
+    kinds={"pytorch", "huggingface"},
+    code_version="1",
+    io_manager_key="refs",
+    pool="accelerator",
+    ins={"raw_pairs": dg.AssetIn(partition_mapping=dg.AllPartitionMapping())},
+    description=(
+        "The model under audit as a save_pretrained folder (safetensors, config, tokenizer, image "
+        "processor) that plain transformers loads: SPUR_BASE_MODEL when set, else a small CLIP "
+        "trained from scratch on the train split of every batch, its tokenizer trained beside it."
+    ),
+)
+def base_checkpoint(
+    context: dg.AssetExecutionContext,
+    config: BaseCheckpointConfig,
+    settings: SpurSettings,
+    raw_pairs: dict[str, ArtifactRef],
+) -> dg.Output:
+    device = resolve_device(settings.device)
+    history: list[dict] = []
+    inputs = [] if settings.base_model else upstream_refs(raw_pairs)
+    with recorded_materialization(context, settings, config, inputs=inputs, device=str(device)) as session:
+        if settings.base_model:
+            context.log.info(f"loading the base model {settings.base_model}")
+            bundle = load_checkpoint(settings.base_model, device="cpu")
+            source = settings.base_model
+        else:
+            train = train_split_tables(raw_pairs, "train")
+            started = time.monotonic()
+            images = load_images_uint8(train.images["path"].to_list(), config.image_size, workers=config.workers)
+            context.log.info(
+                f"decoded {images.shape[0]} train images at {config.image_size}px in {time.monotonic() - started:.1f} s"
+            )
+            captions = train.captions.sort("caption_id")
+            bundle = new_small_clip(
+                captions["caption"].to_list(),
+                image_size=config.image_size,
+                seed=config.seed,
+                vocab_size=config.vocab_size,
+                patch_size=config.patch_size,
+                width=config.width,
+                layers=config.layers,
+                heads=config.heads,
+            )
+            history = train_clip(
+                bundle,
+                images,
+                captions["caption"].to_list(),
+                torch.as_tensor(captions["image_id"].to_numpy(), dtype=torch.long),
+                TrainConfig(
+                    epochs=config.epochs,
+                    batch_size=config.batch_size,
+                    lr=config.lr,
+                    seed=config.seed,
+                    captions_per_image=config.captions_per_image,
+                ),
+                device,
+                progress=_log_progress(context),
+            )
+            source = f"small CLIP trained from scratch on {images.shape[0]} images"
+        save_checkpoint(bundle, session.writer.path("checkpoint"))
+        session.writer.add_dir("checkpoint", "checkpoint")
+        if history:
+            session.writer.write_table("base_checkpoint_history", pl.DataFrame(history))
+            loss_curve(history, session.writer.path("loss.png"), "base_checkpoint training loss")
+            session.writer.add_file("loss_curve", "loss.png")
+    checkpoint = session.ref.output("checkpoint")
+    metadata = {
+        "checkpoint": dg.MetadataValue.path(checkpoint.uri),
+        "checkpoint_sha256": checkpoint.sha256,
+        "checkpoint_mb": round(checkpoint.bytes / 2**20, 2),
+        "source": source,
+        "parameters": sum(p.numel() for p in bundle.model.parameters()),
+    }
+    if history:
+        metadata["final_loss"] = float(history[-1]["loss"])
+        metadata["seconds_per_epoch"] = round(sum(h["seconds"] for h in history) / len(history), 1)
+        metadata["history"] = markdown_table(pl.DataFrame(history), max_rows=50)
+        metadata["loss_curve"] = markdown_image(Path(session.ref.output("loss_curve").uri), "training loss")
+    return session.output(metadata)

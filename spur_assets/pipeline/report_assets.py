@@ -1,0 +1,121 @@
+"""`metric_report`: checkpoints scored on the same counterfactual eval set."""
+
+import os
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+
+from spur_assets.core.artifacts import ArtifactRef
+from spur_assets.core.clip_model import load_checkpoint
+from spur_assets.core.devices import resolve_device
+from spur_assets.core.evaluation import EvalSet, evaluate_checkpoint
+from spur_assets.core.report import write_report
+from spur_assets.pipeline.model_assets import train_split_tables
+from spur_assets.pipeline.recording import recorded_materialization, upstream_refs
+from spur_assets.pipeline.resources import SpurSettings
+from spur_assets.pipeline.ui_metadata import markdown_image, markdown_table
+
+
+class MetricReportConfig(dg.Config):
+    k: int = 10
+    batch_size: int = 256
+    n_examples: int = 3
+
+
+def publish_latest(home: Path, report_dir: Path) -> Path:
+    """Point SPUR_HOME/reports/latest at ``report_dir`` (atomic symlink swap)."""
+    reports = home / "reports"
+    reports.mkdir(parents=True, exist_ok=True)
+    latest = reports / "latest"
+    staged = reports / f".latest-{os.getpid()}"
+    if staged.is_symlink() or staged.exists():
+        staged.unlink()
+    staged.symlink_to(report_dir, target_is_directory=True)
+    if latest.exists() and not latest.is_symlink():
+        raise FileExistsError(f"{latest} is a real folder, not the link spur-assets keeps; move it away")
+    os.replace(staged, latest)
+    return latest
+
+
+@dg.asset(
+    group_name="report",
+    kinds={"pytorch", "html"},
+    code_version="1",
+    io_manager_key="refs",
+    pool="accelerator",
+    ins={"raw_pairs": dg.AssetIn(partition_mapping=dg.AllPartitionMapping())},
+    description=(
+        "Every checkpoint scored on the same eval set: Recall@1/5/10 both directions (COCO protocol), "
+        "ODmAP@10 image->text and text->image, HR@10 with natural and anchor-only rates, Delta_ctrl, per "
+        "pair. Writes report.json, report.md and report.html; SPUR_HOME/reports/latest points at the newest."
+    ),
+)
+def metric_report(
+    context: dg.AssetExecutionContext,
+    config: MetricReportConfig,
+    settings: SpurSettings,
+    raw_pairs: dict[str, ArtifactRef],
+    synthetic_counterfactuals: ArtifactRef,
+    base_checkpoint: ArtifactRef,
+) -> dg.Output:
+    device = resolve_device(settings.device)
+    test = train_split_tables(raw_pairs, "test")
+    pairs = synthetic_counterfactuals.read_table("cf_pairs")
+    eval_set = EvalSet(
+        images=test.images,
+        captions=test.captions,
+        instances=test.instances,
+        cf_images=synthetic_counterfactuals.read_table("cf_eval_images"),
+        cf_captions=synthetic_counterfactuals.read_table("cf_eval_captions"),
+        pairs=list(pairs.select("anchor", "companion").iter_rows()),
+    )
+    checkpoints = {"base": base_checkpoint}
+    inputs = upstream_refs(raw_pairs, synthetic_counterfactuals, *checkpoints.values())
+    with recorded_materialization(context, settings, config, inputs=inputs, device=str(device)) as session:
+        evaluations = {}
+        for name, ref in checkpoints.items():
+            context.log.info(f"scoring the {name} checkpoint ({ref.path('checkpoint')}) on {device}")
+            bundle = load_checkpoint(ref.path("checkpoint"), device=device)
+            evaluations[name] = evaluate_checkpoint(
+                bundle, eval_set, k=config.k, device=device, batch_size=config.batch_size,
+                progress=context.log.info, n_examples=config.n_examples,
+            )
+        extra = {
+            "lineage": {name: ref.materialization_id for name, ref in checkpoints.items()},
+            "eval_set": synthetic_counterfactuals.materialization_id,
+        }
+        written = write_report(evaluations, session.writer.path("report"), extra=extra)
+        session.writer.add_dir("report", "report")
+        session.writer.write_table("metric_report_per_pair", pl.DataFrame(_per_pair_rows(evaluations)))
+    report_dir = Path(session.ref.output("report").uri)
+    latest = publish_latest(settings.home_path, report_dir)
+    context.log.info(f"report: {latest / 'report.json'}")
+    base = evaluations["base"].metrics
+    metadata = {
+        "report_json": dg.MetadataValue.path(str(latest / "report.json")),
+        "report_html": dg.MetadataValue.path(str(report_dir / "report.html")),
+        "verdict": (report_dir / "report.json").is_file() and _verdict_line(report_dir),
+        "base_odmap_i2t_10": base["odmap"]["i2t"][str(config.k)],
+        "base_odmap_t2i_10": base["odmap"]["t2i"][str(config.k)],
+        "base_hr_10": base["hr"][str(config.k)],
+        "base_hr_natural_10": base["hr"][f"natural_{config.k}"],
+        "base_delta_ctrl": base["delta_ctrl"],
+        "base_recall_i2t_5": base["recall"]["i2t"]["5"],
+        "base_recall_t2i_5": base["recall"]["t2i"]["5"],
+        "per_pair": markdown_table(pl.DataFrame(_per_pair_rows(evaluations))),
+    }
+    for name, path in written.items():
+        if str(path).endswith(".png"):
+            metadata[f"plot_{name}"] = markdown_image(report_dir / Path(path).name, name)
+    return session.output(metadata)
+
+
+def _per_pair_rows(evaluations) -> list[dict]:
+    return [{"checkpoint": name, **row} for name, ev in evaluations.items() for row in ev.per_pair]
+
+
+def _verdict_line(report_dir: Path) -> str:
+    import json
+
+    return str(json.loads((report_dir / "report.json").read_text()).get("verdict", ""))
