@@ -69,7 +69,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     assets = list(defs.assets or [])
     checks = list(defs.asset_checks or [])
     all_keys = {k for a in assets for k in a.keys}
-    selected = set(dg.AssetSelection.from_coercible(args.select).resolve(assets)) if args.select else all_keys
+    selected = all_keys
+    if args.select:
+        # comma-separated Dagster selections: "raw_pairs,spurious_features" or "*spurious_features"
+        clauses = [c.strip() for c in args.select.split(",") if c.strip()]
+        selected = set(dg.AssetSelection.from_coercible(clauses).resolve(assets))
     partitioned = {k for a in assets if a.partitions_def == batches for k in a.keys if k in selected}
     unpartitioned = selected - partitioned
 
@@ -193,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="materialize the asset graph for one batch and print where the results are")
     run.add_argument("--dataset", help="a dataset.yaml (default: $SPUR_DATASET, else the built-in dataset)")
     run.add_argument("--batch", help="batch id (partition key); default: the manifest's name, or 'builtin'")
-    run.add_argument("--select", help="Dagster asset selection, e.g. 'raw_pairs' or '*spurious_features'")
+    run.add_argument("--select", help="comma-separated asset selections, e.g. 'raw_pairs,spurious_features' or '*spurious_features'")
     run.add_argument("--config", help="YAML run config, as in the launchpad: {ops: {raw_pairs: {config: {...}}}}")
     run.set_defaults(func=cmd_run)
 

@@ -35,7 +35,8 @@ def test_two_concurrent_runs_are_both_recorded(tmp_path, manifests):
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(RELAXED))
     procs = [
-        subprocess.Popen([SPUR, "run", "--dataset", str(m), "--batch", batch, "--config", str(config)],
+        subprocess.Popen([SPUR, "run", "--dataset", str(m), "--batch", batch, "--config", str(config),
+                          "--select", "raw_pairs,spurious_features"],
                          env=_env(home), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for m, batch in zip(manifests, ("batch-a", "batch-b"))
     ]

@@ -75,3 +75,30 @@ def test_expose_graph_end_to_end(tmp_path):
     for view in ("raw_images", "spurious_features", "cf_eval_images", "cf_eval_captions", "metric_report_per_pair"):
         assert conn.execute(f"select count(*) from {view}").fetchone()[0] > 0, view
     conn.close()
+
+
+@pytest.mark.slow
+def test_base_model_from_a_local_save_pretrained_folder(tmp_path):
+    from spur_assets.core.clip_model import load_checkpoint, new_small_clip, save_checkpoint
+
+    source = save_checkpoint(
+        new_small_clip(["a dog", "a cat with a frisbee"], image_size=32, vocab_size=300, width=32, layers=1, heads=2),
+        tmp_path / "pretrained",
+    )
+    home = tmp_path / "home"
+    settings = SpurSettings(home=str(home), device="cpu", base_model=str(source))
+    resources = {"settings": settings, "refs": ArtifactRefIOManager(settings=settings)}
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(batches.name, ["builtin"])
+        assert dg.materialize(ASSETS, selection=[raw_pairs.key], partition_key="builtin", instance=instance,
+                              resources=resources, run_config={"ops": {"raw_pairs": {"config": TINY["raw_pairs"]}}}).success
+        result = dg.materialize([*ASSETS, *ALL_CHECKS], selection=[base_checkpoint.key], instance=instance, resources=resources)
+        assert result.success
+        meta = result.asset_materializations_for_node("base_checkpoint")[0].metadata
+    assert meta["source"].value == str(source)
+    copied = LineageStore(home).latest("base_checkpoint")
+    ckpt_dir = [o["uri"] for o in copied["outputs"] if o["name"] == "checkpoint"][0]
+    original, loaded = load_checkpoint(source), load_checkpoint(ckpt_dir)
+    for (name, a), (_, b) in zip(original.model.state_dict().items(), loaded.model.state_dict().items()):
+        assert (a == b).all(), name
+    assert copied["device"] == "cpu"

@@ -302,7 +302,7 @@ def plot_odmap_per_pair(checkpoints: Mapping[str, object], out_png: Path, k: int
     axes[0].set_ylabel(f"ODmAP@{k} (higher is better)")
     axes[1].legend(fontsize=8, loc="upper right")
     fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
+    fig.savefig(out_png, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return out_png
 
@@ -350,7 +350,7 @@ def plot_hr_per_pair(checkpoints: Mapping[str, object], out_png: Path, k: int) -
     labels.append(f"{SHORTCUT_FACTOR:g} × natural rate (shortcut threshold)")
     fig.legend(handles, labels, loc="upper center", ncol=4, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 0.9))
-    fig.savefig(out_png, dpi=110)
+    fig.savefig(out_png, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return out_png
 
@@ -428,7 +428,7 @@ def plot_example_retrievals(checkpoints: Mapping[str, object], out_png: Path, k:
         fontsize=9,
     )
     fig.tight_layout(rect=(0, 0, 1, 0.97))
-    fig.savefig(out_png, dpi=100)
+    fig.savefig(out_png, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return out_png
 
