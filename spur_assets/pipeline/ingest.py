@@ -91,9 +91,9 @@ def _split_counts(tables) -> pl.DataFrame:
 )
 def raw_pairs(context: dg.AssetExecutionContext, config: RawPairsConfig, settings: SpurSettings) -> dg.Output:
     batch = context.partition_key
-    manifest = resolve_manifest(settings, batch, config, context.log)
-    context.log.info(f"reading batch {batch!r} from {manifest}")
     with recorded_materialization(context, settings, config) as session:
+        manifest = resolve_manifest(settings, batch, config, context.log)
+        context.log.info(f"reading batch {batch!r} from {manifest}")
         tables = load_batch(
             manifest, batch=batch, on_bad_record=config.on_bad_record, workers=config.workers, progress=context.log.info
         )

@@ -1,5 +1,6 @@
 """`base_checkpoint`: the model under audit, as a Hugging Face save_pretrained folder."""
 
+import shutil
 import time
 from pathlib import Path
 
@@ -9,11 +10,18 @@ import torch
 
 from spur_assets.core.artifacts import ArtifactRef
 from spur_assets.core.batch_union import union_split
-from spur_assets.core.clip_model import load_checkpoint, load_images_uint8, new_small_clip, save_checkpoint
+from spur_assets.core.clip_model import (
+    load_checkpoint,
+    load_images_uint8,
+    new_small_clip,
+    processor_image_size,
+    save_checkpoint,
+)
 from spur_assets.core.devices import resolve_device
+from spur_assets.core.finetune_data import assemble_finetune_set
 from spur_assets.core.plots import loss_curve
 from spur_assets.core.training import TrainConfig, train_clip
-from spur_assets.pipeline.recording import recorded_materialization, upstream_refs
+from spur_assets.pipeline.recording import config_hash, recorded_materialization, upstream_refs
 from spur_assets.pipeline.resources import SpurSettings
 from spur_assets.pipeline.ui_metadata import markdown_image, markdown_table
 
@@ -141,3 +149,105 @@ def base_checkpoint(
         metadata["history"] = markdown_table(pl.DataFrame(history), max_rows=50)
         metadata["loss_curve"] = markdown_image(Path(session.ref.output("loss_curve").uri), "training loss")
     return session.output(metadata)
+
+
+class FinetunedCheckpointConfig(dg.Config):
+    """Fine-tuning on originals mixed with train counterfactuals (DESIGN.md §4 "Mitigation")."""
+
+    epochs: int = 4
+    batch_size: int = 128
+    lr: float = 2e-4
+    warmup_steps: int = 20
+    captions_per_image: int = 5
+    counterfactual_ratio: float = 0.5  # share of counterfactual images among the images trained on
+    use_removal: bool = True
+    use_paste: bool = True
+    hard_negatives: bool = True  # I^-b <-> its original b-caption as extra negatives
+    seed: int = 0
+    workers: int = 2
+
+
+@dg.asset(
+    group_name="mitigate",
+    kinds={"pytorch", "huggingface"},
+    code_version="1",
+    io_manager_key="refs",
+    pool="accelerator",
+    ins={"raw_pairs": dg.AssetIn(partition_mapping=dg.AllPartitionMapping())},
+    description=(
+        "base_checkpoint fine-tuned with CLIP's InfoNCE on originals mixed with the synthetic train "
+        "counterfactuals; each removal image brings its original companion caption as a hard-negative "
+        "text and each such caption the removal image as a hard-negative image. Resumes from the last "
+        "epoch if a run was killed."
+    ),
+)
+def finetuned_checkpoint(
+    context: dg.AssetExecutionContext,
+    config: FinetunedCheckpointConfig,
+    settings: SpurSettings,
+    raw_pairs: dict[str, ArtifactRef],
+    base_checkpoint: ArtifactRef,
+    synthetic_counterfactuals: ArtifactRef,
+) -> dg.Output:
+    device = resolve_device(settings.device)
+    train = train_split_tables(raw_pairs, "train")
+    finetune_set = assemble_finetune_set(
+        train.images,
+        train.captions,
+        synthetic_counterfactuals.read_table("cf_train_images"),
+        synthetic_counterfactuals.read_table("cf_train_captions"),
+        counterfactual_ratio=config.counterfactual_ratio,
+        use_removal=config.use_removal,
+        use_paste=config.use_paste,
+        hard_negatives=config.hard_negatives,
+        seed=config.seed,
+    )
+    context.log.info(f"fine-tuning set: {finetune_set.summary}")
+    inputs = upstream_refs(raw_pairs, base_checkpoint, synthetic_counterfactuals)
+    # A killed run resumes from its last epoch: the work folder is keyed by what it trains on.
+    resume_key = config_hash(
+        {"base": base_checkpoint.data_version, "cf": synthetic_counterfactuals.data_version, "config": config.model_dump()}
+    )[:16]
+    resume_dir = settings.home_path / "work" / "finetuned_checkpoint" / resume_key
+    with recorded_materialization(context, settings, config, inputs=inputs, device=str(device)) as session:
+        bundle = load_checkpoint(base_checkpoint.path("checkpoint"), device="cpu")
+        images = load_images_uint8(
+            finetune_set.image_paths, processor_image_size(bundle.image_processor), workers=config.workers
+        )
+        history = train_clip(
+            bundle,
+            images,
+            finetune_set.captions,
+            torch.tensor(finetune_set.caption_image, dtype=torch.long),
+            TrainConfig(
+                epochs=config.epochs,
+                batch_size=config.batch_size,
+                lr=config.lr,
+                warmup_steps=config.warmup_steps,
+                seed=config.seed,
+                captions_per_image=config.captions_per_image,
+            ),
+            device,
+            hard_negative_text=torch.tensor(finetune_set.hard_negative_text, dtype=torch.long),
+            hard_negative_image=torch.tensor(finetune_set.hard_negative_image, dtype=torch.long),
+            checkpoint_dir=resume_dir,
+            progress=_log_progress(context),
+        )
+        save_checkpoint(bundle, session.writer.path("checkpoint"))
+        session.writer.add_dir("checkpoint", "checkpoint")
+        session.writer.write_table("finetuned_checkpoint_history", pl.DataFrame(history))
+        loss_curve(history, session.writer.path("loss.png"), "finetuned_checkpoint training loss")
+        session.writer.add_file("loss_curve", "loss.png")
+    shutil.rmtree(resume_dir, ignore_errors=True)
+    checkpoint = session.ref.output("checkpoint")
+    return session.output(
+        {
+            "checkpoint": dg.MetadataValue.path(checkpoint.uri),
+            "checkpoint_sha256": checkpoint.sha256,
+            "final_loss": float(history[-1]["loss"]) if history else float("nan"),
+            "seconds_per_epoch": round(sum(h["seconds"] for h in history) / max(1, len(history)), 1),
+            "training_set": dg.MetadataValue.json(finetune_set.summary),
+            "history": markdown_table(pl.DataFrame(history), max_rows=50),
+            "loss_curve": markdown_image(Path(session.ref.output("loss_curve").uri), "fine-tuning loss"),
+        }
+    )
