@@ -3,10 +3,10 @@
 import dagster as dg
 
 from spur_assets.pipeline.checks import ALL_CHECKS
-from spur_assets.pipeline.counterfactual_assets import synthetic_counterfactuals
+from spur_assets.pipeline.counterfactual_assets import counterfactual_dataset, synthetic_counterfactuals
 from spur_assets.pipeline.expose import spurious_features
 from spur_assets.pipeline.ingest import raw_pairs
-from spur_assets.pipeline.model_assets import base_checkpoint
+from spur_assets.pipeline.model_assets import base_checkpoint, finetuned_checkpoint
 from spur_assets.pipeline.refs_io_manager import ArtifactRefIOManager
 from spur_assets.pipeline.report_assets import metric_report
 from spur_assets.pipeline.resources import settings_from_environment
@@ -14,7 +14,15 @@ from spur_assets.pipeline.resources import settings_from_environment
 settings = settings_from_environment()
 
 defs = dg.Definitions(
-    assets=[raw_pairs, spurious_features, base_checkpoint, synthetic_counterfactuals, metric_report],
+    assets=[
+        raw_pairs,
+        spurious_features,
+        base_checkpoint,
+        synthetic_counterfactuals,
+        finetuned_checkpoint,
+        metric_report,
+        counterfactual_dataset,
+    ],
     asset_checks=ALL_CHECKS,
     resources={
         "settings": settings,

@@ -1,6 +1,7 @@
 """The whole expose graph on a tiny built-in dataset, through real Dagster materialize, checks included."""
 
 import json
+from pathlib import Path
 
 import dagster as dg
 import duckdb
@@ -9,20 +10,24 @@ import pytest
 from spur_assets.core.lineage import LineageStore
 from spur_assets.core.report import check_report_shape
 from spur_assets.pipeline.checks import ALL_CHECKS
-from spur_assets.pipeline.counterfactual_assets import synthetic_counterfactuals
+from spur_assets.pipeline.counterfactual_assets import counterfactual_dataset, synthetic_counterfactuals
 from spur_assets.pipeline.expose import spurious_features
 from spur_assets.pipeline.ingest import batches, raw_pairs
-from spur_assets.pipeline.model_assets import base_checkpoint
+from spur_assets.pipeline.model_assets import base_checkpoint, finetuned_checkpoint
 from spur_assets.pipeline.refs_io_manager import ArtifactRefIOManager
 from spur_assets.pipeline.report_assets import metric_report
 from spur_assets.pipeline.resources import SpurSettings
 
-ASSETS = [raw_pairs, spurious_features, base_checkpoint, synthetic_counterfactuals, metric_report]
+ASSETS = [
+    raw_pairs, spurious_features, base_checkpoint, synthetic_counterfactuals, finetuned_checkpoint, metric_report,
+    counterfactual_dataset,
+]
 TINY = {
     "raw_pairs": {"builtin_n_train": 150, "builtin_n_test": 80, "workers": 1},
     "spurious_features": {"min_support": 5},
     "base_checkpoint": {"epochs": 1, "width": 32, "layers": 1, "heads": 2, "image_size": 32, "vocab_size": 300, "batch_size": 32},
-    "synthetic_counterfactuals": {"workers": 1},
+    "synthetic_counterfactuals": {"workers": 1, "train_removal_per_pair": 6, "train_paste_per_pair": 6},
+    "finetuned_checkpoint": {"epochs": 1, "batch_size": 32},
 }
 
 
@@ -47,16 +52,18 @@ def test_expose_graph_end_to_end(tmp_path):
         checks = rest.get_asset_check_evaluations()
         assert {c.check_name for c in checks} == {
             "counterfactual_masks_non_empty", "edited_captions_drop_companion", "counterfactual_sizes_unchanged",
-            "base_checkpoint_weights_finite", "report_metrics_in_range",
+            "base_checkpoint_weights_finite", "finetuned_checkpoint_weights_finite", "report_metrics_in_range",
         }
         assert all(c.passed for c in checks), [(c.check_name, c.metadata) for c in checks if not c.passed]
 
     report = json.loads((home / "reports" / "latest" / "report.json").read_text())
     assert check_report_shape(report) == []
-    assert set(report["checkpoints"]) == {"base"}
-    for key in ("recall", "odmap", "hr", "delta_ctrl"):
-        assert key in report["checkpoints"]["base"]
-    assert {"natural_10", "anchor_only_10", "10"} <= set(report["checkpoints"]["base"]["hr"])
+    assert set(report["checkpoints"]) == {"base", "finetuned"}
+    for name in ("base", "finetuned"):
+        for key in ("recall", "odmap", "hr", "delta_ctrl"):
+            assert key in report["checkpoints"][name]
+        assert {"natural_10", "anchor_only_10", "10"} <= set(report["checkpoints"][name]["hr"])
+    assert report["checkpoints"]["base"] != report["checkpoints"]["finetuned"]
     assert report["per_pair"], "per-pair rows"
     assert (home / "reports" / "latest" / "report.html").is_file()
 
@@ -70,9 +77,21 @@ def test_expose_graph_end_to_end(tmp_path):
 
     # the report's ancestry reaches the raw batch through both branches
     chain = store.ancestry(store.latest("metric_report")["materialization_id"])
-    assert {"metric_report", "base_checkpoint", "synthetic_counterfactuals", "spurious_features", "raw_pairs"} == set(chain["asset"])
+    assert {"metric_report", "base_checkpoint", "finetuned_checkpoint", "synthetic_counterfactuals", "spurious_features",
+            "raw_pairs"} == set(chain["asset"])
+    # the fine-tuned checkpoint names the counterfactuals and batches it was trained on
+    tuned = store.ancestry(store.latest("finetuned_checkpoint")["materialization_id"])
+    assert {"synthetic_counterfactuals", "base_checkpoint", "raw_pairs"} <= set(tuned["asset"])
+    # the exported counterfactual set reads back through the same strict ingestion
+    from spur_assets.core.coco_ingest import load_batch
+
+    export = store.latest("counterfactual_dataset")
+    exported = [o["uri"] for o in export["outputs"] if o["name"] == "dataset"][0]
+    tables = load_batch(Path(exported) / "dataset.yaml", batch="export")
+    assert tables.quarantine.height == 0 and tables.images.height > 0
     conn = duckdb.connect(str(home / "lineage.duckdb"), read_only=True)
-    for view in ("raw_images", "spurious_features", "cf_eval_images", "cf_eval_captions", "metric_report_per_pair"):
+    for view in ("raw_images", "spurious_features", "cf_eval_images", "cf_eval_captions", "cf_train_images",
+                 "cf_train_lift", "metric_report_per_pair"):
         assert conn.execute(f"select count(*) from {view}").fetchone()[0] > 0, view
     conn.close()
 

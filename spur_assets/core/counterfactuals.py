@@ -19,6 +19,7 @@ chunks whatever the number of worker processes.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import multiprocessing
 import re
 import zlib
@@ -140,8 +141,30 @@ def control_mask(
     if rows.size == 0:
         return None
     shape = removal[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    offset = free_placement(shape, occupied, rng, tries)
+    if offset is None:
+        return None
+    top, left = offset
     h, w = shape.shape
-    height, width = removal.shape
+    placed = np.zeros_like(removal)
+    placed[top : top + h, left : left + w] = shape
+    return placed
+
+
+def free_placement(
+    shape: np.ndarray, occupied: np.ndarray, rng: np.random.Generator, tries: int = 200
+) -> tuple[int, int] | None:
+    """(top, left) at which the cropped bool ``shape`` lies inside the image and touches no occupied pixel.
+
+    ``occupied`` is the image's HxW bool map of taken pixels. Up to ``tries``
+    uniformly random offsets are tried first; if none fits, every offset is
+    checked (template correlation) and one free offset is drawn uniformly.
+    None when the shape is larger than the image or fits nowhere.
+    """
+    shape = np.asarray(shape, dtype=bool)
+    occupied = np.asarray(occupied, dtype=bool)
+    h, w = shape.shape
+    height, width = occupied.shape
     if h > height or w > width:
         return None
     top = left = None
@@ -161,9 +184,7 @@ def control_mask(
         top, left = int(free_y[pick]), int(free_x[pick])
         if (occupied[top : top + h, left : left + w] & shape).any():  # float rounding must not lie
             return None
-    placed = np.zeros_like(removal)
-    placed[top : top + h, left : left + w] = shape
-    return placed
+    return top, left
 
 
 # --------------------------------------------------------------------------- caption edits
@@ -427,8 +448,10 @@ class _Rendered:
     control_pixels: int = 0
 
 
-def _slug(text: str) -> str:
+def path_slug(text: str) -> str:
+    """``text`` made safe as one path component: runs of other characters become "_"."""
     return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_") or "_"
+
 
 
 def _task_rng(seed: int, task: _Task) -> np.random.Generator:
@@ -436,38 +459,55 @@ def _task_rng(seed: int, task: _Task) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(task.batch.encode()), task.image_id, zlib.crc32(pair.encode())])
 
 
-def _load_rgb(task: _Task) -> np.ndarray:
-    path = Path(task.path)
+def load_source_rgb(path: str | Path, image_id: int, batch: str, width: int, height: int) -> np.ndarray:
+    """The HxWx3 uint8 RGB pixels of an ingested image, checked against its table row.
+
+    FileNotFoundError when the file is gone, ValueError when its size differs
+    from the table's ``width``/``height``; both name the file, image and batch.
+    """
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"{path}: image file of image_id {task.image_id} (batch {task.batch!r}, field 'path') is missing; "
+            f"{path}: image file of image_id {image_id} (batch {batch!r}, field 'path') is missing; "
             "re-ingest the batch or restore the file"
         )
     with Image.open(path) as image:
         rgb = np.asarray(image.convert("RGB"))
-    if rgb.shape[:2] != (task.height, task.width):
+    if rgb.shape[:2] != (height, width):
         raise ValueError(
-            f"{path}: image_id {task.image_id} is {rgb.shape[1]}x{rgb.shape[0]} on disk but the images table "
-            f"says width={task.width}, height={task.height}; re-ingest the batch"
+            f"{path}: image_id {image_id} is {rgb.shape[1]}x{rgb.shape[0]} on disk but the images table "
+            f"says width={width}, height={height}; re-ingest the batch"
         )
     return rgb
 
 
-def _decode(rle: str, task: _Task) -> np.ndarray:
+def decode_image_instance(rle_counts: str, image_id: int, batch: str, height: int, width: int) -> np.ndarray:
+    """``coco_ingest.decode_instance_mask`` with an error that names the image and batch at fault."""
     try:
-        return decode_instance_mask(rle, task.height, task.width)
+        return decode_instance_mask(rle_counts, height, width)
     except ValueError as error:
         raise ValueError(
-            f"instances of image_id {task.image_id} (batch {task.batch!r}), field 'rle_counts': {error}; "
+            f"instances of image_id {image_id} (batch {batch!r}), field 'rle_counts': {error}; "
             "re-ingest the batch"
         ) from error
 
 
-def _save_png(array: np.ndarray, path: Path) -> None:
+def save_png(array: np.ndarray, path: Path) -> None:
+    """Write an RGB uint8 image or a bool mask (as 0/255) as PNG, creating the folder."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if array.dtype == bool:
         array = array.astype(np.uint8) * 255
     Image.fromarray(array).save(path, format="PNG")
+
+
+def _load_rgb(task: _Task) -> np.ndarray:
+    return load_source_rgb(task.path, task.image_id, task.batch, task.width, task.height)
+
+
+def _decode(rle: str, task: _Task) -> np.ndarray:
+    return decode_image_instance(rle, task.image_id, task.batch, task.height, task.width)
+
 
 
 def _render_chunk(
@@ -504,10 +544,10 @@ def _render_chunk(
         filled = inpainter.inpaint(images, masks)
         for j, (task, _, removal, control) in enumerate(jobs):
             stem = Path(task.out_stem)
-            _save_png(filled[2 * j], stem.with_name(stem.name + "_removal.png"))
-            _save_png(removal, stem.with_name(stem.name + "_removal_mask.png"))
-            _save_png(filled[2 * j + 1], stem.with_name(stem.name + "_control.png"))
-            _save_png(control, stem.with_name(stem.name + "_control_mask.png"))
+            save_png(filled[2 * j], stem.with_name(stem.name + "_removal.png"))
+            save_png(removal, stem.with_name(stem.name + "_removal_mask.png"))
+            save_png(filled[2 * j + 1], stem.with_name(stem.name + "_control.png"))
+            save_png(control, stem.with_name(stem.name + "_control_mask.png"))
             results[task.index] = _Rendered(task.index, None, int(removal.sum()), int(control.sum()))
     return [results[task.index] for task in tasks]
 
@@ -525,11 +565,54 @@ def _init_worker(spec: InpainterSpec) -> None:
     _WORKER_INPAINTER = spec.build()
 
 
-def _render_chunk_in_worker(
-    tasks: Sequence[_Task], max_companion_fraction: float, dilation_px: int, seed: int
-) -> list[_Rendered]:
+def _render_with_worker_inpainter(render_chunk: Callable[[Sequence, Inpainter], list], chunk: Sequence) -> list:
     assert _WORKER_INPAINTER is not None, "worker started without _init_worker"
-    return _render_chunk(tasks, _WORKER_INPAINTER, max_companion_fraction, dilation_px, seed)
+    return render_chunk(chunk, _WORKER_INPAINTER)
+
+
+def run_inpainting_chunks(
+    render_chunk: Callable[[Sequence, Inpainter], list],
+    chunks: Sequence[Sequence],
+    inpainter: Inpainter | InpainterSpec,
+    workers: int = 1,
+    progress: Callable[[str], None] | None = None,
+    label: str = "counterfactuals",
+) -> list:
+    """``render_chunk(chunk, inpainter)`` over ``chunks`` in order, here or in a spawned process pool; results joined.
+
+    ``render_chunk`` must be a module-level function (or a ``functools.partial`` of
+    one) so it pickles. With ``workers == 1`` (or one chunk) it runs here with
+    ``inpainter`` (a spec is built once); otherwise each of ``min(workers, chunks)``
+    spawned workers builds its own inpainter from ``spec_of(inpainter)``, one
+    thread each. Results come back in chunk order whatever ``workers``, so output
+    is identical when each chunk's rendering is deterministic. ``progress`` hears
+    "<label>: chunk i/n done" about every tenth of the chunks.
+    """
+    report = progress or (lambda message: None)
+    step = max(1, len(chunks) // 10)
+    results: list = []
+
+    def done(number: int) -> None:
+        if number % step == 0 or number == len(chunks):
+            report(f"{label}: chunk {number}/{len(chunks)} done")
+
+    if workers == 1 or len(chunks) <= 1:
+        local = inpainter.build() if isinstance(inpainter, InpainterSpec) else inpainter
+        for number, chunk in enumerate(chunks, start=1):
+            results.extend(render_chunk(chunk, local))
+            done(number)
+        return results
+    spec = spec_of(inpainter)
+    # spawn, not fork: a forked child inherits torch's thread pools mid-state and can hang.
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(
+        max_workers=min(workers, len(chunks)), mp_context=context, initializer=_init_worker, initargs=(spec,)
+    ) as pool:
+        futures = [pool.submit(_render_with_worker_inpainter, render_chunk, chunk) for chunk in chunks]
+        for number, future in enumerate(futures, start=1):
+            results.extend(future.result())
+            done(number)
+    return results
 
 
 # --------------------------------------------------------------------------- the eval set
@@ -597,7 +680,7 @@ def _plan_tasks(
                     companion_rles=tuple(rle for category, rle in objects if category == companion),
                     all_rles=tuple(rle for _, rle in objects),
                     categories=frozenset(categories),
-                    out_stem=str(out_dir / _slug(pair) / f"{_slug(batch)}_{image_id}"),
+                    out_stem=str(out_dir / path_slug(pair) / f"{path_slug(batch)}_{image_id}"),
                 )
             )
     return tasks, skipped
@@ -655,26 +738,10 @@ def build_eval_counterfactuals(
     # Fixed chunks, whatever the worker count: a batched backend then sees the same batches.
     chunks = [tasks[i : i + tasks_per_chunk] for i in range(0, len(tasks), tasks_per_chunk)]
     report(f"counterfactuals: {len(tasks)} (pair, test image) candidates in {len(chunks)} chunks")
-    rendered: list[_Rendered] = []
-    if workers == 1 or len(chunks) <= 1:
-        local = inpainter.build() if isinstance(inpainter, InpainterSpec) else inpainter
-        for number, chunk in enumerate(chunks, start=1):
-            rendered.extend(_render_chunk(chunk, local, max_companion_fraction, dilation_px, seed))
-            report(f"counterfactuals: chunk {number}/{len(chunks)} done")
-    else:
-        spec = spec_of(inpainter)
-        # spawn, not fork: a forked child inherits torch's thread pools mid-state and can hang.
-        context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(
-            max_workers=min(workers, len(chunks)), mp_context=context, initializer=_init_worker, initargs=(spec,)
-        ) as pool:
-            futures = [
-                pool.submit(_render_chunk_in_worker, chunk, max_companion_fraction, dilation_px, seed)
-                for chunk in chunks
-            ]
-            for number, future in enumerate(futures, start=1):
-                rendered.extend(future.result())
-                report(f"counterfactuals: chunk {number}/{len(chunks)} done")
+    render = functools.partial(
+        _render_chunk, max_companion_fraction=max_companion_fraction, dilation_px=dilation_px, seed=seed
+    )
+    rendered: list[_Rendered] = run_inpainting_chunks(render, chunks, inpainter, workers, report, "counterfactuals")
 
     captions_by_image: dict[tuple[str, int], list[tuple[int, str]]] = {}
     for row in test_captions.sort("batch", "image_id", "caption_id").iter_rows(named=True):

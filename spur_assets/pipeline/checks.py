@@ -10,7 +10,7 @@ from safetensors.numpy import load_file
 from spur_assets.core.artifacts import ArtifactRef
 from spur_assets.core.vocabulary import mentioned_categories
 from spur_assets.pipeline.counterfactual_assets import synthetic_counterfactuals
-from spur_assets.pipeline.model_assets import base_checkpoint
+from spur_assets.pipeline.model_assets import base_checkpoint, finetuned_checkpoint
 from spur_assets.pipeline.report_assets import metric_report
 
 
@@ -54,6 +54,11 @@ def base_checkpoint_weights_finite(base_checkpoint: ArtifactRef) -> dg.AssetChec
     return weights_finite(base_checkpoint)
 
 
+@dg.asset_check(asset=finetuned_checkpoint, blocking=True, description="every weight of the fine-tuned checkpoint is finite")
+def finetuned_checkpoint_weights_finite(finetuned_checkpoint: ArtifactRef) -> dg.AssetCheckResult:
+    return weights_finite(finetuned_checkpoint)
+
+
 def weights_finite(checkpoint: ArtifactRef) -> dg.AssetCheckResult:
     """Pass when no tensor in the checkpoint's safetensors files holds NaN or Inf."""
     files = sorted(checkpoint.path("checkpoint").glob("*.safetensors"))
@@ -86,5 +91,6 @@ ALL_CHECKS = [
     edited_captions_drop_companion,
     counterfactual_sizes_unchanged,
     base_checkpoint_weights_finite,
+    finetuned_checkpoint_weights_finite,
     report_metrics_in_range,
 ]

@@ -48,7 +48,7 @@ def publish_latest(home: Path, report_dir: Path) -> Path:
     description=(
         "Every checkpoint scored on the same eval set: Recall@1/5/10 both directions (COCO protocol), "
         "ODmAP@10 image->text and text->image, HR@10 with natural and anchor-only rates, Delta_ctrl, per "
-        "pair. Writes report.json, report.md and report.html; SPUR_HOME/reports/latest points at the newest."
+        "pair, for base_checkpoint and finetuned_checkpoint side by side. Writes report.json, report.md and report.html; SPUR_HOME/reports/latest points at the newest."
     ),
 )
 def metric_report(
@@ -58,6 +58,7 @@ def metric_report(
     raw_pairs: dict[str, ArtifactRef],
     synthetic_counterfactuals: ArtifactRef,
     base_checkpoint: ArtifactRef,
+    finetuned_checkpoint: ArtifactRef,
 ) -> dg.Output:
     device = resolve_device(settings.device)
     test = train_split_tables(raw_pairs, "test")
@@ -70,7 +71,7 @@ def metric_report(
         cf_captions=synthetic_counterfactuals.read_table("cf_eval_captions"),
         pairs=list(pairs.select("anchor", "companion").iter_rows()),
     )
-    checkpoints = {"base": base_checkpoint}
+    checkpoints = {"base": base_checkpoint, "finetuned": finetuned_checkpoint}
     inputs = upstream_refs(raw_pairs, synthetic_counterfactuals, *checkpoints.values())
     with recorded_materialization(context, settings, config, inputs=inputs, device=str(device)) as session:
         evaluations = {}
@@ -91,11 +92,12 @@ def metric_report(
     report_dir = Path(session.ref.output("report").uri)
     latest = publish_latest(settings.home_path, report_dir)
     context.log.info(f"report: {latest / 'report.json'}")
-    base = evaluations["base"].metrics
+    base, tuned = evaluations["base"].metrics, evaluations["finetuned"].metrics
+    k = str(config.k)
     metadata = {
         "report_json": dg.MetadataValue.path(str(latest / "report.json")),
         "report_html": dg.MetadataValue.path(str(report_dir / "report.html")),
-        "verdict": (report_dir / "report.json").is_file() and _verdict_line(report_dir),
+        "verdict": _verdict_line(report_dir),
         "base_odmap_i2t_10": base["odmap"]["i2t"][str(config.k)],
         "base_odmap_t2i_10": base["odmap"]["t2i"][str(config.k)],
         "base_hr_10": base["hr"][str(config.k)],
@@ -103,6 +105,14 @@ def metric_report(
         "base_delta_ctrl": base["delta_ctrl"],
         "base_recall_i2t_5": base["recall"]["i2t"]["5"],
         "base_recall_t2i_5": base["recall"]["t2i"]["5"],
+        "finetuned_odmap_i2t_10": tuned["odmap"]["i2t"][k],
+        "finetuned_odmap_t2i_10": tuned["odmap"]["t2i"][k],
+        "finetuned_hr_10": tuned["hr"][k],
+        "finetuned_delta_ctrl": tuned["delta_ctrl"],
+        "finetuned_recall_i2t_5": tuned["recall"]["i2t"]["5"],
+        "finetuned_recall_t2i_5": tuned["recall"]["t2i"]["5"],
+        "gain_odmap_i2t_10": tuned["odmap"]["i2t"][k] - base["odmap"]["i2t"][k],
+        "gain_odmap_t2i_10": tuned["odmap"]["t2i"][k] - base["odmap"]["t2i"][k],
         "per_pair": markdown_table(pl.DataFrame(_per_pair_rows(evaluations))),
     }
     for name, path in written.items():
