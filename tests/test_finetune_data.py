@@ -46,5 +46,5 @@ def test_switches():
     assert (off.hard_negative_text == -1).all() and (off.hard_negative_image == -1).all()
     paste_only = assemble_finetune_set(*_frames(), counterfactual_ratio=1.0, use_removal=False)
     assert paste_only.image_paths[-1] == "p2" and "r0" not in paste_only.image_paths
-    with pytest.raises(ValueError, match="nothing to fine-tune"):
-        assemble_finetune_set(*_frames(), use_removal=False, use_paste=False)
+    control = assemble_finetune_set(*_frames(), use_removal=False, use_paste=False)
+    assert control.image_paths == ["o0", "o1", "o2", "o3"] and (control.hard_negative_text == -1).all()

@@ -285,7 +285,16 @@ def load_checkpoint(path_or_hub_id: str | Path, device: torch.device | str = "cp
         if text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text:
             raise FileNotFoundError(f"load_checkpoint: checkpoint folder {text} does not exist.")
         location = text  # a hub id: owner/name
-    model = CLIPModel.from_pretrained(location, dtype=torch.float32, use_safetensors=True)
+    # transformers draws a per-tensor progress bar on load; in Dagster logs it is noise.
+    from transformers.utils import logging as hf_logging
+
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model = CLIPModel.from_pretrained(location, dtype=torch.float32, use_safetensors=True)
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(location)
     image_processor = _image_processor_class().from_pretrained(location)
     model.to(torch.device(device)).eval()

@@ -45,7 +45,8 @@ def assemble_finetune_set(
     caption) are the original train split; ``cf_images`` (cf_image_id, kind,
     source_image_id, companion, path) and ``cf_captions`` (cf_caption_id,
     cf_image_id, caption) the train counterfactuals. Originals are subsampled
-    (seeded) when there are more than the ratio asks for; every original used
+    (seeded) when there are more than the ratio asks for (with both kinds off,
+    every original and no counterfactual: the ablation's control); every original used
     keeps all its captions. With ``hard_negatives``, each removal image I⁻ᵇ is
     linked to the first original caption of I that mentions b (as a negative
     text), and every original b-caption of I to I⁻ᵇ (as a negative image) — when I
@@ -56,7 +57,8 @@ def assemble_finetune_set(
         raise ValueError(f"counterfactual_ratio={counterfactual_ratio} must lie in (0, 1]")
     kinds = [k for k, used in (("removal", use_removal), ("paste", use_paste)) if used]
     if not kinds:
-        raise ValueError("use_removal and use_paste are both off: nothing to fine-tune on")
+        # The control arm of an ablation: the same fine-tuning on originals alone.
+        counterfactual_ratio = 1.0
     cf = cf_images.filter(pl.col("kind").is_in(kinds)).sort("cf_image_id")
     cf_caps = cf_captions.join(cf.select("cf_image_id"), on="cf_image_id", how="semi").sort("cf_caption_id")
 

@@ -156,7 +156,7 @@ class FinetunedCheckpointConfig(dg.Config):
 
     epochs: int = 4
     batch_size: int = 128
-    lr: float = 2e-4
+    lr: float = 5e-4
     warmup_steps: int = 20
     captions_per_image: int = 5
     counterfactual_ratio: float = 0.5  # share of counterfactual images among the images trained on
