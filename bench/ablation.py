@@ -68,6 +68,7 @@ def main() -> None:
     parser.add_argument("--home", default=".spur")
     parser.add_argument("--seeds", default="0", help="comma-separated fine-tuning seeds")
     parser.add_argument("--arms", default="", help="comma-separated arm numbers (1-based); default all")
+    parser.add_argument("--epochs", type=int, default=0, help="fine-tuning epochs; 0 = the pipeline default")
     parser.add_argument("--out", default="bench/ABLATION.md")
     args = parser.parse_args()
     store = LineageStore(Path(args.home))
@@ -80,7 +81,7 @@ def main() -> None:
         cf_images=cf.read_table("cf_eval_images"), cf_captions=cf.read_table("cf_eval_captions"),
         pairs=list(pairs.select("anchor", "companion").iter_rows()),
     )
-    defaults = FinetunedCheckpointConfig()
+    defaults = FinetunedCheckpointConfig(**({"epochs": args.epochs} if args.epochs else {}))
     base_metrics = headline(evaluate_checkpoint(load_checkpoint(base.path("checkpoint")), eval_set).metrics)
     print("base", base_metrics, flush=True)
     chosen = [list(ARMS)[int(i) - 1] for i in args.arms.split(",")] if args.arms else list(ARMS)

@@ -42,13 +42,7 @@ CAPTIONS = [
 TINY = dict(vocab_size=300, max_text_length=16, patch_size=8, width=32, layers=1, heads=2, projection_dim=16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models on a shared 2-core machine: a second intra-op thread only adds contention (10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
