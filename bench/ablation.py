@@ -69,6 +69,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0", help="comma-separated fine-tuning seeds")
     parser.add_argument("--arms", default="", help="comma-separated arm numbers (1-based); default all")
     parser.add_argument("--epochs", type=int, default=0, help="fine-tuning epochs; 0 = the pipeline default")
+    parser.add_argument("--ratio", type=float, default=0.0, help="counterfactual ratio; 0 = the pipeline default")
     parser.add_argument("--out", default="bench/ABLATION.md")
     args = parser.parse_args()
     store = LineageStore(Path(args.home))
@@ -81,7 +82,8 @@ def main() -> None:
         cf_images=cf.read_table("cf_eval_images"), cf_captions=cf.read_table("cf_eval_captions"),
         pairs=list(pairs.select("anchor", "companion").iter_rows()),
     )
-    defaults = FinetunedCheckpointConfig(**({"epochs": args.epochs} if args.epochs else {}))
+    overrides = {"epochs": args.epochs, "counterfactual_ratio": args.ratio}
+    defaults = FinetunedCheckpointConfig(**{k: v for k, v in overrides.items() if v})
     base_metrics = headline(evaluate_checkpoint(load_checkpoint(base.path("checkpoint")), eval_set).metrics)
     print("base", base_metrics, flush=True)
     chosen = [list(ARMS)[int(i) - 1] for i in args.arms.split(",")] if args.arms else list(ARMS)
