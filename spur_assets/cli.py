@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import importlib.util
 import json
 import os
@@ -62,9 +64,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     defs = load_definitions()
     key = _resolve_batch(spur_home, args.dataset, args.batch)
-    instance = dg.DagsterInstance.get()
-    if not instance.has_dynamic_partition(batches.name, key):
-        instance.add_dynamic_partitions(batches.name, [key])
+    # Two `spur run` processes on a new DAGSTER_HOME would both create the SQLite schema
+    # ("table runs already exists"); the first one to take the lock creates it.
+    with _exclusive_lock(Path(os.environ["DAGSTER_HOME"]) / ".spur-instance.lock"):
+        instance = dg.DagsterInstance.get()
+        instance.get_runs(limit=1)
+        if not instance.has_dynamic_partition(batches.name, key):
+            instance.add_dynamic_partitions(batches.name, [key])
 
     assets = list(defs.assets or [])
     checks = list(defs.asset_checks or [])
@@ -101,6 +107,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     elapsed = time.monotonic() - started
     _print_where_results_are(spur_home, elapsed)
     return 0
+
+
+@contextlib.contextmanager
+def _exclusive_lock(path: Path):
+    """An advisory lock held across processes (flock) for the with-block."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _read_run_config(path: str | None) -> dict:
