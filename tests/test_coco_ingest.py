@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -369,8 +368,19 @@ def test_read_manifest_names_the_key_at_fault(manifest, text, field):
     assert str(manifest) in str(caught.value)
 
 
-def test_dataset_error_survives_pickling():
+def _raise_dataset_error():
+    raise DatasetError("a.json", 7, "annotations.caption", "missing", "add it")
+
+
+def test_dataset_error_crosses_a_spawned_worker_intact():
+    # load_batch's image checks may run in worker processes; their errors must arrive whole.
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with pytest.raises(DatasetError) as caught:
+            pool.submit(_raise_dataset_error).result()
+    copy = caught.value
     error = DatasetError("a.json", 7, "annotations.caption", "missing", "add it")
-    copy = pickle.loads(pickle.dumps(error))
     assert (copy.file, copy.record, copy.field, copy.problem, copy.hint) == ("a.json", 7, "annotations.caption", "missing", "add it")
     assert str(copy) == str(error) == "a.json, record 7, field 'annotations.caption': missing -- add it"
