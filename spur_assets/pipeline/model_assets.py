@@ -58,6 +58,33 @@ def train_split_tables(raw_pairs: dict[str, ArtifactRef], split: str):
     )
 
 
+def write_checkpoint_outputs(session, bundle, history: list[dict], asset: str) -> None:
+    """Stage the save_pretrained folder and, when there was training, its history table and loss plot."""
+    save_checkpoint(bundle, session.writer.path("checkpoint"))
+    session.writer.add_dir("checkpoint", "checkpoint")
+    if history:
+        session.writer.write_table(f"{asset}_history", pl.DataFrame(history))
+        loss_curve(history, session.writer.path("loss.png"), f"{asset} training loss")
+        session.writer.add_file("loss_curve", "loss.png")
+
+
+def checkpoint_metadata(session, bundle, history: list[dict]) -> dict:
+    """UI metadata of a committed checkpoint: where, sha256, size, parameters and the training curve."""
+    checkpoint = session.ref.output("checkpoint")
+    metadata = {
+        "checkpoint": dg.MetadataValue.path(checkpoint.uri),
+        "checkpoint_sha256": checkpoint.sha256,
+        "checkpoint_mb": round(checkpoint.bytes / 2**20, 2),
+        "parameters": sum(p.numel() for p in bundle.model.parameters()),
+    }
+    if history:
+        metadata["final_loss"] = float(history[-1]["loss"])
+        metadata["seconds_per_epoch"] = round(sum(h["seconds"] for h in history) / len(history), 1)
+        metadata["history"] = markdown_table(pl.DataFrame(history), max_rows=50)
+        metadata["loss_curve"] = markdown_image(Path(session.ref.output("loss_curve").uri), "training loss")
+    return metadata
+
+
 def _log_progress(context: dg.AssetExecutionContext):
     def log(event: dict) -> None:
         context.log.info(
@@ -129,25 +156,11 @@ def base_checkpoint(
                 progress=_log_progress(context),
             )
             source = f"small CLIP trained from scratch on {images.shape[0]} images"
-        save_checkpoint(bundle, session.writer.path("checkpoint"))
-        session.writer.add_dir("checkpoint", "checkpoint")
-        if history:
-            session.writer.write_table("base_checkpoint_history", pl.DataFrame(history))
-            loss_curve(history, session.writer.path("loss.png"), "base_checkpoint training loss")
-            session.writer.add_file("loss_curve", "loss.png")
-    checkpoint = session.ref.output("checkpoint")
+        write_checkpoint_outputs(session, bundle, history, "base_checkpoint")
     metadata = {
-        "checkpoint": dg.MetadataValue.path(checkpoint.uri),
-        "checkpoint_sha256": checkpoint.sha256,
-        "checkpoint_mb": round(checkpoint.bytes / 2**20, 2),
+        **checkpoint_metadata(session, bundle, history),
         "source": source,
-        "parameters": sum(p.numel() for p in bundle.model.parameters()),
     }
-    if history:
-        metadata["final_loss"] = float(history[-1]["loss"])
-        metadata["seconds_per_epoch"] = round(sum(h["seconds"] for h in history) / len(history), 1)
-        metadata["history"] = markdown_table(pl.DataFrame(history), max_rows=50)
-        metadata["loss_curve"] = markdown_image(Path(session.ref.output("loss_curve").uri), "training loss")
     return session.output(metadata)
 
 
@@ -237,21 +250,11 @@ def finetuned_checkpoint(
             checkpoint_dir=resume_dir,
             progress=_log_progress(context),
         )
-        save_checkpoint(bundle, session.writer.path("checkpoint"))
-        session.writer.add_dir("checkpoint", "checkpoint")
-        session.writer.write_table("finetuned_checkpoint_history", pl.DataFrame(history))
-        loss_curve(history, session.writer.path("loss.png"), "finetuned_checkpoint training loss")
-        session.writer.add_file("loss_curve", "loss.png")
+        write_checkpoint_outputs(session, bundle, history, "finetuned_checkpoint")
     shutil.rmtree(resume_dir, ignore_errors=True)
-    checkpoint = session.ref.output("checkpoint")
     return session.output(
         {
-            "checkpoint": dg.MetadataValue.path(checkpoint.uri),
-            "checkpoint_sha256": checkpoint.sha256,
-            "final_loss": float(history[-1]["loss"]) if history else float("nan"),
-            "seconds_per_epoch": round(sum(h["seconds"] for h in history) / max(1, len(history)), 1),
+            **checkpoint_metadata(session, bundle, history),
             "training_set": dg.MetadataValue.json(finetune_set.summary),
-            "history": markdown_table(pl.DataFrame(history), max_rows=50),
-            "loss_curve": markdown_image(Path(session.ref.output("loss_curve").uri), "fine-tuning loss"),
         }
     )
