@@ -70,6 +70,7 @@ def main() -> None:
     parser.add_argument("--arms", default="", help="comma-separated arm numbers (1-based); default all")
     parser.add_argument("--epochs", type=int, default=0, help="fine-tuning epochs; 0 = the pipeline default")
     parser.add_argument("--ratio", type=float, default=0.0, help="counterfactual ratio; 0 = the pipeline default")
+    parser.add_argument("--lr", type=float, default=0.0, help="fine-tuning learning rate; 0 = the pipeline default")
     parser.add_argument("--out", default="bench/ABLATION.md")
     args = parser.parse_args()
     store = LineageStore(Path(args.home))
@@ -82,7 +83,7 @@ def main() -> None:
         cf_images=cf.read_table("cf_eval_images"), cf_captions=cf.read_table("cf_eval_captions"),
         pairs=list(pairs.select("anchor", "companion").iter_rows()),
     )
-    overrides = {"epochs": args.epochs, "counterfactual_ratio": args.ratio}
+    overrides = {"epochs": args.epochs, "counterfactual_ratio": args.ratio, "lr": args.lr}
     defaults = FinetunedCheckpointConfig(**{k: v for k, v in overrides.items() if v})
     base_metrics = headline(evaluate_checkpoint(load_checkpoint(base.path("checkpoint")), eval_set).metrics)
     print("base", base_metrics, flush=True)
