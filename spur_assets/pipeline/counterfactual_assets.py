@@ -15,7 +15,7 @@ from spur_assets.core.devices import resolve_device
 from spur_assets.core.inpaint import InpainterSpec
 from spur_assets.core.export import export_counterfactual_dataset
 from spur_assets.core.train_counterfactuals import TrainCounterfactuals, build_train_counterfactuals
-from spur_assets.pipeline.model_assets import train_split_tables
+from spur_assets.pipeline.ingest import ALL_BATCHES, batches_split
 from spur_assets.pipeline.recording import recorded_materialization, upstream_refs
 from spur_assets.pipeline.resources import SpurSettings
 from spur_assets.pipeline.ui_metadata import markdown_image, markdown_table
@@ -51,7 +51,7 @@ def flagged_pairs(features: pl.DataFrame, source: str) -> pl.DataFrame:
     kinds={"python", "opencv", "parquet"},
     code_version="1",
     io_manager_key="refs",
-    ins={"raw_pairs": dg.AssetIn(partition_mapping=dg.AllPartitionMapping())},
+    ins=ALL_BATCHES,
     description=(
         "Counterfactuals of every flagged pair (a, b). Eval set (test split): each image showing both "
         "with every b inpainted (I^-b), a control with a same-shaped region inpainted off every object "
@@ -73,7 +73,7 @@ def synthetic_counterfactuals(
             f"spurious_features flagged no pair from {config.pair_source}; nothing to counterfactualise. "
             "Lower its thresholds (min_support / min_conditional / min_lift) or add data."
         )
-    test = train_split_tables(raw_pairs, "test")
+    test = batches_split(raw_pairs, "test")
     if config.mutual_pairs == "smaller_companion":
         pairs = orient_mutual_pairs(pairs, test.instances, test.images)
     device = str(resolve_device(settings.device)) if config.backend != "opencv" else "cpu"
@@ -94,7 +94,7 @@ def synthetic_counterfactuals(
             workers=config.workers,
             progress=context.log.info,
         )
-        train = train_split_tables(raw_pairs, "train")
+        train = batches_split(raw_pairs, "train")
         train_cf = build_train_counterfactuals(
             train.images,
             train.captions,
@@ -163,7 +163,7 @@ def synthetic_counterfactuals(
     kinds={"python", "coco"},
     code_version="1",
     io_manager_key="refs",
-    ins={"raw_pairs": dg.AssetIn(partition_mapping=dg.AllPartitionMapping())},
+    ins=ALL_BATCHES,
     description=(
         "The synthetic counterfactual set written out as a COCO-layout dataset with dataset.yaml and "
         "DATASHEET.md (train = train counterfactuals, test = eval set), reusable like a released "
@@ -177,7 +177,7 @@ def counterfactual_dataset(
     synthetic_counterfactuals: ArtifactRef,
 ) -> dg.Output:
     cf = synthetic_counterfactuals
-    test = train_split_tables(raw_pairs, "test")
+    test = batches_split(raw_pairs, "test")
     train_cf = TrainCounterfactuals(
         images=cf.read_table("cf_train_images"),
         captions=cf.read_table("cf_train_captions"),

@@ -16,6 +16,7 @@ from spur_assets.core.cooccurrence import (
 )
 from spur_assets.core.plots import cooccurrence_heatmap
 from spur_assets.core.vocabulary import mention_table
+from spur_assets.pipeline.ingest import ALL_BATCHES, batches_split
 from spur_assets.pipeline.recording import recorded_materialization, upstream_refs
 from spur_assets.pipeline.resources import SpurSettings
 from spur_assets.pipeline.ui_metadata import markdown_image, markdown_table
@@ -29,18 +30,12 @@ class SpuriousFeaturesConfig(dg.Config):
     min_lift: float = PairThresholds.min_lift
 
 
-def read_split(refs: dict[str, ArtifactRef], table: str, split: str) -> pl.DataFrame:
-    """Concatenate one raw_pairs table over all batches, keeping one split."""
-    frames = [ref.read_table(table).filter(pl.col("split") == split) for ref in refs.values()]
-    return pl.concat(frames, how="vertical_relaxed") if frames else pl.DataFrame()
-
-
 @dg.asset(
     group_name="expose",
     kinds={"python", "parquet"},
     code_version="1",
     io_manager_key="refs",
-    ins={"raw_pairs": dg.AssetIn(partition_mapping=dg.AllPartitionMapping())},
+    ins=ALL_BATCHES,
     description=(
         "Object co-occurrence over the train split of every batch, from instances and, separately, "
         "from caption mentions; each ordered pair (anchor, companion) with n, P(b|a), lift and whether "
@@ -54,22 +49,8 @@ def spurious_features(
     raw_pairs: dict[str, ArtifactRef],
 ) -> dg.Output:
     thresholds = PairThresholds(config.min_support, config.min_conditional, config.min_lift)
-    images = read_split(raw_pairs, "raw_images", "train")
-    if images.height == 0:
-        raise ValueError(
-            f"no train images in batches {sorted(raw_pairs)}; spurious pairs are computed on the train split"
-        )
-    # Image ids are unique within a batch, not across batches.
-    key = pl.concat_str("batch", pl.lit(":"), "image_id").alias("image_id")
-    instances = read_split(raw_pairs, "raw_instances", "train").with_columns(key)
-    # Caption ids too: number captions globally before matching mentions.
-    captions = (
-        read_split(raw_pairs, "raw_captions", "train")
-        .with_columns(key)
-        .drop("caption_id")
-        .with_row_index("caption_id")
-        .with_columns(pl.col("caption_id").cast(pl.Int64))
-    )
+    train = batches_split(raw_pairs, "train")
+    images, instances, captions = train.images, train.instances, train.captions
     context.log.info(f"{images.height} train images, {instances.height} instances, {captions.height} captions")
     mentions = mention_table(captions.select("caption_id", "caption"))
     by_instances = image_categories_from_instances(instances)

@@ -9,6 +9,8 @@ from typing import Literal
 import dagster as dg
 import polars as pl
 
+from spur_assets.core.artifacts import ArtifactRef
+from spur_assets.core.batch_union import SplitTables, union_split
 from spur_assets.core.batches import BUILTIN_BATCH, registered_manifest
 from spur_assets.core.builtin_dataset import BuiltinDatasetSpec, generate_builtin_dataset
 from spur_assets.core.coco_ingest import load_batch
@@ -18,6 +20,19 @@ from spur_assets.pipeline.resources import SpurSettings
 from spur_assets.pipeline.ui_metadata import markdown_image, markdown_table
 
 batches = dg.DynamicPartitionsDefinition(name="batches")
+
+# Downstream assets read every materialized batch of raw_pairs.
+ALL_BATCHES = {"raw_pairs": dg.AssetIn(partition_mapping=dg.AllPartitionMapping())}
+
+
+def batches_split(raw_pairs: dict[str, ArtifactRef], split: str) -> SplitTables:
+    """One split of every batch, ids renumbered globally (images sorted so image_id == row)."""
+    return union_split(
+        [r.read_table("raw_images") for r in raw_pairs.values()],
+        [r.read_table("raw_captions") for r in raw_pairs.values()],
+        [r.read_table("raw_instances") for r in raw_pairs.values()],
+        split,
+    )
 
 _SPEC_DEFAULTS = BuiltinDatasetSpec()
 

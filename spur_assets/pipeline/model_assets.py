@@ -9,7 +9,6 @@ import polars as pl
 import torch
 
 from spur_assets.core.artifacts import ArtifactRef
-from spur_assets.core.batch_union import union_split
 from spur_assets.core.clip_model import (
     load_checkpoint,
     load_images_uint8,
@@ -21,6 +20,7 @@ from spur_assets.core.devices import resolve_device
 from spur_assets.core.finetune_data import assemble_finetune_set
 from spur_assets.core.plots import loss_curve
 from spur_assets.core.training import TrainConfig, train_clip
+from spur_assets.pipeline.ingest import ALL_BATCHES, batches_split
 from spur_assets.pipeline.recording import config_hash, recorded_materialization, upstream_refs
 from spur_assets.pipeline.resources import SpurSettings
 from spur_assets.pipeline.ui_metadata import markdown_image, markdown_table
@@ -46,16 +46,6 @@ class BaseCheckpointConfig(dg.Config):
     captions_per_image: int = 5  # captions of each image seen per epoch
     seed: int = 0
     workers: int = 2  # image decoding threads
-
-
-def train_split_tables(raw_pairs: dict[str, ArtifactRef], split: str):
-    """One split of all batches, ids renumbered globally (images sorted so image_id == row)."""
-    return union_split(
-        [r.read_table("raw_images") for r in raw_pairs.values()],
-        [r.read_table("raw_captions") for r in raw_pairs.values()],
-        [r.read_table("raw_instances") for r in raw_pairs.values()],
-        split,
-    )
 
 
 def write_checkpoint_outputs(session, bundle, history: list[dict], asset: str) -> None:
@@ -100,7 +90,7 @@ def _log_progress(context: dg.AssetExecutionContext):
     code_version="1",
     io_manager_key="refs",
     pool="accelerator",
-    ins={"raw_pairs": dg.AssetIn(partition_mapping=dg.AllPartitionMapping())},
+    ins=ALL_BATCHES,
     description=(
         "The model under audit as a save_pretrained folder (safetensors, config, tokenizer, image "
         "processor) that plain transformers loads: SPUR_BASE_MODEL when set, else a small CLIP "
@@ -122,7 +112,7 @@ def base_checkpoint(
             bundle = load_checkpoint(settings.base_model, device="cpu")
             source = settings.base_model
         else:
-            train = train_split_tables(raw_pairs, "train")
+            train = batches_split(raw_pairs, "train")
             started = time.monotonic()
             images = load_images_uint8(train.images["path"].to_list(), config.image_size, workers=config.workers)
             context.log.info(
@@ -190,7 +180,7 @@ class FinetunedCheckpointConfig(dg.Config):
     code_version="1",
     io_manager_key="refs",
     pool="accelerator",
-    ins={"raw_pairs": dg.AssetIn(partition_mapping=dg.AllPartitionMapping())},
+    ins=ALL_BATCHES,
     description=(
         "base_checkpoint fine-tuned with CLIP's InfoNCE on originals mixed with the synthetic train "
         "counterfactuals; each removal image brings its original companion caption as a hard-negative "
@@ -207,7 +197,7 @@ def finetuned_checkpoint(
     synthetic_counterfactuals: ArtifactRef,
 ) -> dg.Output:
     device = resolve_device(settings.device)
-    train = train_split_tables(raw_pairs, "train")
+    train = batches_split(raw_pairs, "train")
     finetune_set = assemble_finetune_set(
         train.images,
         train.captions,

@@ -11,7 +11,7 @@ from spur_assets.core.clip_model import load_checkpoint
 from spur_assets.core.devices import resolve_device
 from spur_assets.core.evaluation import EvalSet, evaluate_checkpoint
 from spur_assets.core.report import write_report
-from spur_assets.pipeline.model_assets import train_split_tables
+from spur_assets.pipeline.ingest import ALL_BATCHES, batches_split
 from spur_assets.pipeline.recording import recorded_materialization, upstream_refs
 from spur_assets.pipeline.resources import SpurSettings
 from spur_assets.pipeline.ui_metadata import markdown_image, markdown_table
@@ -44,7 +44,7 @@ def publish_latest(home: Path, report_dir: Path) -> Path:
     code_version="1",
     io_manager_key="refs",
     pool="accelerator",
-    ins={"raw_pairs": dg.AssetIn(partition_mapping=dg.AllPartitionMapping())},
+    ins=ALL_BATCHES,
     description=(
         "Every checkpoint scored on the same eval set: Recall@1/5/10 both directions (COCO protocol), "
         "ODmAP@10 image->text and text->image, HR@10 with natural and anchor-only rates, Delta_ctrl, per "
@@ -61,7 +61,7 @@ def metric_report(
     finetuned_checkpoint: ArtifactRef,
 ) -> dg.Output:
     device = resolve_device(settings.device)
-    test = train_split_tables(raw_pairs, "test")
+    test = batches_split(raw_pairs, "test")
     pairs = synthetic_counterfactuals.read_table("cf_pairs")
     eval_set = EvalSet(
         images=test.images,
