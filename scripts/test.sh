@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/system-packages.sh
 exec .venv/bin/python -m pytest -n 2 --dist loadfile "$@"

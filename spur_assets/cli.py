@@ -85,9 +85,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     run_config = _read_run_config(args.config)
     started = time.monotonic()
+    from spur_assets.pipeline.ingest import raw_pairs
+
+    # Per-batch assets other than raw_pairs read unpartitioned statistics: those run in between.
+    per_batch = {k for k in partitioned if k != raw_pairs.key}
+    statistics = (set(dg.AssetSelection.assets(*per_batch).upstream().resolve(assets)) & unpartitioned) if per_batch else set()
     for label, keys, partition_key in (
-        (f"batch {key}", partitioned, key),
-        ("downstream assets", unpartitioned, None),
+        (f"batch {key}", partitioned - per_batch, key),
+        ("statistics", statistics, None),
+        (f"batch {key} counterfactuals", per_batch, key),
+        ("downstream assets", unpartitioned - statistics, None),
     ):
         if not keys:
             continue
@@ -179,20 +186,58 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     if args.lineage_command == "materializations":
         print(store.query("materializations_by_asset"))
         return 0
-    if args.lineage_command == "ancestry":
-        target = args.target
-        latest = store.latest(target, args.partition)
-        materialization_id = latest["materialization_id"] if latest else target
-        chain = store.ancestry(materialization_id)
-        if chain.height == 0:
-            print(f"no materialization {target!r} (asset name or materialization id) in {store.db_path}", file=sys.stderr)
+    if args.lineage_command in ("ancestry", "inputs"):
+        materialization_id = _resolve_materialization(store, args.target, args.partition)
+        if materialization_id is None:
+            print(f"no materialization {args.target!r} (asset name or materialization id) in {store.db_path}; "
+                  "see `spur lineage materializations`", file=sys.stderr)
             return 1
+        if args.lineage_command == "inputs":
+            return _print_inputs(store, materialization_id, args.json)
+        chain = store.ancestry(materialization_id)
         if args.json:
             print(json.dumps(chain.to_dicts(), default=str, indent=1))
+        elif args.mermaid:
+            from spur_assets.core.lineage_graph import ancestry_mermaid
+
+            print(ancestry_mermaid(chain), end="")
         else:
             print(chain.select("depth", "asset", "partition", "materialization_id", "data_version", "run_id", "ended_at"))
+        if args.png:
+            from spur_assets.core.lineage_graph import render_ancestry_png
+
+            target = chain.row(0, named=True)
+            title = f"ancestry of {target['asset']} {materialization_id[:12]}"
+            print(f"drawing: {render_ancestry_png(chain, Path(args.png), title)}", file=sys.stderr)
         return 0
     raise AssertionError(args.lineage_command)
+
+
+def _resolve_materialization(store, target: str, partition: str | None) -> str | None:
+    """A materialization id from an asset name (its latest materialization) or an id; None if neither."""
+    latest = store.latest(target, partition)
+    if latest:
+        return latest["materialization_id"]
+    found = store.query("materialization_by_id", {"materialization_id": target})
+    return target if found.height else None
+
+
+def _print_inputs(store, materialization_id: str, as_json: bool) -> int:
+    """The batches and counterfactual sets in a materialization's ancestry."""
+    rows = store.query("batches_and_counterfactuals_of_checkpoint", {"materialization_id": materialization_id})
+    if as_json:
+        print(json.dumps(rows.to_dicts(), default=str, indent=1))
+        return 0
+    batches = rows.filter(rows["asset"] == "raw_pairs")
+    counterfactuals = rows.filter(rows["asset"] == "synthetic_counterfactuals")
+    print(f"materialization {materialization_id} was built from")
+    print(f"  {batches.height} batch(es):")
+    for row in batches.iter_rows(named=True):
+        print(f"    {row['batch']:<24} raw_pairs {row['materialization_id']}  {row['rows']:>8} rows  {row['ended_at']}")
+    print(f"  {counterfactuals.height} counterfactual set(s):")
+    for row in counterfactuals.iter_rows(named=True):
+        print(f"    synthetic_counterfactuals {row['materialization_id']}  {row['rows']:>8} rows  {row['ended_at']}")
+    return 0
 
 
 def cmd_dataset(args: argparse.Namespace) -> int:
@@ -225,6 +270,14 @@ def build_parser() -> argparse.ArgumentParser:
     ancestry.add_argument("target", help="asset name (latest materialization) or materialization id")
     ancestry.add_argument("--partition", help="partition of the asset (e.g. a batch id)")
     ancestry.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ancestry.add_argument("--mermaid", action="store_true", help="print a Mermaid flowchart instead of a table")
+    ancestry.add_argument("--png", help="also draw the chain into this PNG file (needs Graphviz's dot)")
+    inputs = lineage_sub.add_parser(
+        "inputs", help="which batches and which counterfactual sets went into a checkpoint (or any materialization)"
+    )
+    inputs.add_argument("target", help="asset name (latest materialization), e.g. finetuned_checkpoint, or a materialization id")
+    inputs.add_argument("--partition", help="partition of the asset")
+    inputs.add_argument("--json", action="store_true", help="print JSON instead of text")
     lineage_sub.add_parser("materializations", help="materializations per asset and partition")
     lineage_sub.add_parser("sync", help="apply journalled lineage rows that a locked database held back")
     lineage.set_defaults(func=cmd_lineage)

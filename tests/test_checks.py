@@ -36,3 +36,31 @@ def test_caption_and_mask_checks_catch_bad_rows(tmp_path):
 
     pl.DataFrame({"masked_pixels": [10, 0]}).write_parquet(tmp_path / "i.parquet")
     assert not counterfactual_masks_non_empty(_ref("cf_eval_images", "table", tmp_path / "i.parquet")).passed
+
+
+def test_pair_statistics_check_catches_inconsistent_rows(tmp_path):
+    from spur_assets.pipeline.checks import pair_statistics_consistent
+
+    good = pl.DataFrame({
+        "anchor": ["dog", "car"], "companion": ["frisbee", "traffic light"], "n_anchor": [10, 4], "n_both": [9, 1],
+        "p_companion_given_anchor": [0.9, 0.25], "lift": [4.5, 1.0], "flagged": [True, False], "source": ["instances"] * 2,
+    })
+    good.write_parquet(tmp_path / "good.parquet")
+    result = pair_statistics_consistent(_ref("spurious_features", "table", tmp_path / "good.parquet"))
+    assert result.passed and result.metadata["flagged"].value == 1
+    # n_both > n_anchor, and a P(b|a) that does not equal n_both / n_anchor
+    bad = good.with_columns(pl.Series("n_both", [11, 1]), pl.Series("p_companion_given_anchor", [0.9, 0.5]))
+    bad.write_parquet(tmp_path / "bad.parquet")
+    result = pair_statistics_consistent(_ref("spurious_features", "table", tmp_path / "bad.parquet"))
+    assert not result.passed and result.metadata["inconsistent"].value == 2
+
+
+def test_exported_dataset_check_reads_it_back(tmp_path):
+    from spur_assets.pipeline.checks import exported_dataset_reloads
+    from tests.coco_fixtures import build_coco_fixture, corrupt
+
+    manifest = build_coco_fixture(tmp_path / "dataset")
+    assert exported_dataset_reloads(_ref("dataset", "dir", manifest.parent)).passed
+    corrupt(manifest, "missing_image")
+    result = exported_dataset_reloads(_ref("dataset", "dir", manifest.parent))
+    assert not result.passed and "dataset" in result.metadata["error"].value

@@ -10,22 +10,29 @@ import pytest
 from spur_assets.core.lineage import LineageStore
 from spur_assets.core.report import check_report_shape
 from spur_assets.pipeline.checks import ALL_CHECKS
-from spur_assets.pipeline.counterfactual_assets import counterfactual_dataset, synthetic_counterfactuals
+from spur_assets.pipeline.counterfactual_assets import (
+    batch_counterfactuals,
+    counterfactual_dataset,
+    synthetic_counterfactuals,
+)
 from spur_assets.pipeline.expose import spurious_features
 from spur_assets.pipeline.ingest import batches, raw_pairs
 from spur_assets.pipeline.model_assets import base_checkpoint, finetuned_checkpoint
+from spur_assets.pipeline.pipes import PIPES_SUBPROCESS_KEY, pipes_subprocess_client
 from spur_assets.pipeline.refs_io_manager import ArtifactRefIOManager
 from spur_assets.pipeline.report_assets import metric_report
 from spur_assets.pipeline.resources import SpurSettings
 
 ASSETS = [
-    raw_pairs, spurious_features, base_checkpoint, synthetic_counterfactuals, finetuned_checkpoint, metric_report,
-    counterfactual_dataset,
+    raw_pairs, spurious_features, base_checkpoint, batch_counterfactuals, synthetic_counterfactuals,
+    finetuned_checkpoint, metric_report, counterfactual_dataset,
 ]
+UNPARTITIONED = [a for a in ASSETS if a.partitions_def is None]
 TINY = {
     "raw_pairs": {"builtin_n_train": 150, "builtin_n_test": 80, "workers": 1},
     "spurious_features": {"min_support": 5},
     "base_checkpoint": {"epochs": 1, "width": 32, "layers": 1, "heads": 2, "image_size": 32, "vocab_size": 300, "batch_size": 32},
+    "batch_counterfactuals": {"workers": 1},
     "synthetic_counterfactuals": {"workers": 1, "train_removal_per_pair": 6, "train_paste_per_pair": 6},
     "finetuned_checkpoint": {"epochs": 1, "batch_size": 32},
 }
@@ -35,25 +42,41 @@ TINY = {
 def test_expose_graph_end_to_end(tmp_path):
     home = tmp_path / "home"
     settings = SpurSettings(home=str(home), device="cpu")
-    resources = {"settings": settings, "refs": ArtifactRefIOManager(settings=settings)}
+    resources = {"settings": settings, "refs": ArtifactRefIOManager(settings=settings),
+                 PIPES_SUBPROCESS_KEY: pipes_subprocess_client()}
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions(batches.name, ["builtin"])
         first = dg.materialize(ASSETS, selection=[raw_pairs.key], partition_key="builtin", instance=instance,
                                resources=resources, run_config={"ops": {"raw_pairs": {"config": TINY["raw_pairs"]}}})
         assert first.success
+        # The order `spur run` follows: the batch, the statistics, the batch's counterfactuals, the rest.
+        features = dg.materialize([*ASSETS, *ALL_CHECKS], selection=[spurious_features.key], instance=instance,
+                                  resources=resources,
+                                  run_config={"ops": {"spurious_features": {"config": TINY["spurious_features"]}}})
+        assert features.success
+        assert [c.passed for c in features.get_asset_check_evaluations()] == [True]
+        per_batch = dg.materialize(
+            ASSETS, selection=[batch_counterfactuals.key], partition_key="builtin", instance=instance,
+            resources=resources, run_config={"ops": {"batch_counterfactuals": {"config": TINY["batch_counterfactuals"]}}},
+        )
+        assert per_batch.success
         rest = dg.materialize(
             [*ASSETS, *ALL_CHECKS],
-            selection=[a.key for a in ASSETS[1:]],
+            selection=[a.key for a in UNPARTITIONED if a is not spurious_features],
             instance=instance,
             resources=resources,
-            run_config={"ops": {k: {"config": v} for k, v in TINY.items() if k != "raw_pairs"}},
+            run_config={"ops": {k: {"config": v} for k, v in TINY.items()
+                                if k not in ("raw_pairs", "spurious_features", "batch_counterfactuals")}},
         )
         assert rest.success
         checks = rest.get_asset_check_evaluations()
         assert {c.check_name for c in checks} == {
             "counterfactual_masks_non_empty", "edited_captions_drop_companion", "counterfactual_sizes_unchanged",
             "base_checkpoint_weights_finite", "finetuned_checkpoint_weights_finite", "report_metrics_in_range",
+            "exported_dataset_reloads",
         }
+        combined = rest.asset_materializations_for_node("synthetic_counterfactuals")[0].metadata
+        assert combined["batches_from_partitions"].value == 1 and combined["batches_rebuilt_here"].value == "none"
         assert all(c.passed for c in checks), [(c.check_name, c.metadata) for c in checks if not c.passed]
 
     report = json.loads((home / "reports" / "latest" / "report.json").read_text())
@@ -78,7 +101,7 @@ def test_expose_graph_end_to_end(tmp_path):
     # the report's ancestry reaches the raw batch through both branches
     chain = store.ancestry(store.latest("metric_report")["materialization_id"])
     assert {"metric_report", "base_checkpoint", "finetuned_checkpoint", "synthetic_counterfactuals", "spurious_features",
-            "raw_pairs"} == set(chain["asset"])
+            "raw_pairs", "batch_counterfactuals"} == set(chain["asset"])
     # the fine-tuned checkpoint names the counterfactuals and batches it was trained on
     tuned = store.ancestry(store.latest("finetuned_checkpoint")["materialization_id"])
     assert {"synthetic_counterfactuals", "base_checkpoint", "raw_pairs"} <= set(tuned["asset"])
@@ -106,7 +129,8 @@ def test_base_model_from_a_local_save_pretrained_folder(tmp_path):
     )
     home = tmp_path / "home"
     settings = SpurSettings(home=str(home), device="cpu", base_model=str(source))
-    resources = {"settings": settings, "refs": ArtifactRefIOManager(settings=settings)}
+    resources = {"settings": settings, "refs": ArtifactRefIOManager(settings=settings),
+                 PIPES_SUBPROCESS_KEY: pipes_subprocess_client()}
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions(batches.name, ["builtin"])
         assert dg.materialize(ASSETS, selection=[raw_pairs.key], partition_key="builtin", instance=instance,

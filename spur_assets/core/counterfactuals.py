@@ -19,9 +19,12 @@ chunks whatever the number of worker processes.
 from __future__ import annotations
 
 import concurrent.futures
+import errno
 import functools
 import multiprocessing
+import os
 import re
+import shutil
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -501,6 +504,26 @@ def save_png(array: np.ndarray, path: Path) -> None:
     Image.fromarray(array).save(path, format="PNG")
 
 
+def link_or_copy(source: Path, target: Path) -> None:
+    """Make ``target`` hold ``source``'s bytes: a hard link (no second copy), a copy across file systems.
+
+    Creates ``target``'s folder; an existing ``target`` is an error (FileExistsError).
+    FileNotFoundError names ``source`` when it is gone.
+    """
+    source, target = Path(source), Path(target)
+    if not source.is_file():
+        raise FileNotFoundError(
+            f"{source}: counterfactual image to reuse is missing; rematerialize the batch that made it"
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError as error:
+        if target.exists() or error.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+            raise
+        shutil.copyfile(source, target)
+
+
 def _load_rgb(task: _Task) -> np.ndarray:
     return load_source_rgb(task.path, task.image_id, task.batch, task.width, task.height)
 
@@ -710,7 +733,10 @@ def build_eval_counterfactuals(
     ``<pair>/<batch>_<image_id>_{removal,control}[_mask].png`` and edit the
     captions that mention the companion. Ids: cf_image_id counts removal then
     control per kept (pair, image) in order (pairs as given, then batch,
-    image_id); cf_caption_id counts the edited captions in the same order.
+    image_id); cf_caption_id counts the edited captions in the same order;
+    ``skipped`` lists skipped (pair, image) rows in that order too. The control
+    placement of a (pair, image) draws from (seed, batch, image_id, pair), so a
+    batch built alone gives the same images as inside several batches.
     Output is identical for a seed whatever ``workers``: (pair, image) tasks go
     to the inpainter in fixed chunks of ``tasks_per_chunk`` (2 images each), and
     ``workers > 1`` spreads those chunks over a spawned process pool, each worker
@@ -797,6 +823,11 @@ def build_eval_counterfactuals(
                     "reason": reason,
                 }
             )
+    # One row per skipped (pair, image), in task order whether it was skipped while planning or
+    # rendering: a batch's rows then sit in the same order inside the rows of several batches.
+    unique_pairs = dict.fromkeys(pairs.select("anchor", "companion").iter_rows())
+    pair_order = {pair_name(anchor, companion): i for i, (anchor, companion) in enumerate(unique_pairs)}
+    skipped_rows.sort(key=lambda row: (pair_order[row["pair"]], row["batch"], row["source_image_id"]))
     kept = len(image_out) // 2
     accepted_count = sum(row["accepted"] for row in caption_out)
     report(

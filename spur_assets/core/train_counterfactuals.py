@@ -47,6 +47,7 @@ from spur_assets.core.counterfactuals import (
     decode_image_instance,
     free_placement,
     judge_caption_edit,
+    link_or_copy,
     load_source_rgb,
     pair_name,
     path_slug,
@@ -446,9 +447,9 @@ class _Plan:
     captions: list[dict] = field(default_factory=list)
     objects: list[dict] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
-    tasks: list[_RemovalTask | _PasteTask] = field(default_factory=list)
+    tasks: list[_RemovalTask | _PasteTask | None] = field(default_factory=list)  # None: the PNG is already there
 
-    def add_image(self, row: dict, task: _RemovalTask | _PasteTask) -> int:
+    def add_image(self, row: dict, task: _RemovalTask | _PasteTask | None) -> int:
         cf_image_id = len(self.images) + 1
         self.images.append({"cf_image_id": cf_image_id, **row})
         self.tasks.append(task)
@@ -493,11 +494,24 @@ def _removal_captions(
     return kept
 
 
-def _plan_removals(
-    split: _TrainSplit, plan: _Plan, anchor: str, companion: str, pair_dir: Path,
-    removal_per_pair: int | None, max_companion_fraction: float, dilation_px: int, seed: int,
-) -> tuple[int, int]:
-    """Plan the removal images of one pair; returns (planned, eligible)."""
+@dataclass(frozen=True)
+class _Eligible:
+    """A train image whose removal edit of one pair is possible: what goes into its rows."""
+
+    image: _Image
+    companion_objects: tuple[_Instance, ...]
+    kept: tuple[tuple[int, str, str, str], ...]  # _removal_captions
+    edited_pixels: int
+
+
+def _eligible_removals(
+    split: _TrainSplit, plan: _Plan, anchor: str, companion: str, max_companion_fraction: float, dilation_px: int
+) -> list[_Eligible]:
+    """The train images of ``split`` a removal edit of (anchor, companion) can use, in (batch, image_id) order.
+
+    The others are recorded as skipped in ``plan``. Decided per image, so a batch alone
+    finds exactly its share of what all batches together find.
+    """
     pair = pair_name(anchor, companion)
     eligible = []
     for key, image in split.images.items():
@@ -517,28 +531,53 @@ def _plan_removals(
                 REMOVAL, image, pair, "no caption survives: every caption mentions the companion and none has a safe edit"
             )
             continue
-        eligible.append((image, companion_objects, kept, int(removal_mask(companion_masks, dilation_px).sum())))
-    chosen = list(range(len(eligible)))
-    if removal_per_pair is not None and removal_per_pair < len(eligible):
-        chosen = sorted(int(i) for i in _rng(seed, "removal", pair).permutation(len(eligible))[:removal_per_pair])
+        eligible.append(
+            _Eligible(image, tuple(companion_objects), tuple(kept), int(removal_mask(companion_masks, dilation_px).sum()))
+        )
+    return eligible
+
+
+def chosen_removals(n_eligible: int, removal_per_pair: int | None, seed: int, pair: str) -> list[int]:
+    """Indices (ascending) of the removal edits kept out of ``n_eligible``: all, or ``removal_per_pair`` drawn.
+
+    The draw is a permutation from a generator seeded by (seed, "removal", pair),
+    so it depends on the eligible images' count and order only.
+    """
+    if removal_per_pair is None or removal_per_pair >= n_eligible:
+        return list(range(n_eligible))
+    return sorted(int(i) for i in _rng(seed, "removal", pair).permutation(n_eligible)[:removal_per_pair])
+
+
+def _add_removal(plan: _Plan, split: _TrainSplit, anchor: str, companion: str, pair_dir: Path, chosen: _Eligible) -> None:
+    pair = pair_name(anchor, companion)
+    image = chosen.image
+    out_path = str(pair_dir / f"removal_{path_slug(image.batch)}_{image.image_id}.png")
+    cf_image_id = plan.add_image(
+        {"kind": REMOVAL, "source_image_id": image.image_id, "donor_image_id": None, "donor_annotation_id": None,
+         "batch": image.batch, "donor_batch": None, "pair": pair, "anchor": anchor, "companion": companion,
+         "path": out_path, "source_path": image.path, "width": image.width, "height": image.height,
+         "edited_pixels": chosen.edited_pixels},
+        _RemovalTask(image.batch, image.image_id, image.path, image.width, image.height,
+                     tuple(o.rle_counts for o in chosen.companion_objects), out_path),
+    )
+    for caption_id, text, original, kind in chosen.kept:
+        plan.add_caption(cf_image_id, pair, companion, caption_id, text, original, kind)
+    plan.objects.extend(
+        _instance_row(cf_image_id, o, False)
+        for o in split.objects[(image.batch, image.image_id)]
+        if o.category != companion
+    )
+
+
+def _plan_removals(
+    split: _TrainSplit, plan: _Plan, anchor: str, companion: str, pair_dir: Path,
+    removal_per_pair: int | None, max_companion_fraction: float, dilation_px: int, seed: int,
+) -> tuple[int, int]:
+    """Plan the removal images of one pair; returns (planned, eligible)."""
+    eligible = _eligible_removals(split, plan, anchor, companion, max_companion_fraction, dilation_px)
+    chosen = chosen_removals(len(eligible), removal_per_pair, seed, pair_name(anchor, companion))
     for i in chosen:
-        image, companion_objects, kept, edited_pixels = eligible[i]
-        out_path = str(pair_dir / f"removal_{path_slug(image.batch)}_{image.image_id}.png")
-        cf_image_id = plan.add_image(
-            {"kind": REMOVAL, "source_image_id": image.image_id, "donor_image_id": None, "donor_annotation_id": None,
-             "batch": image.batch, "donor_batch": None, "pair": pair, "anchor": anchor, "companion": companion,
-             "path": out_path, "source_path": image.path, "width": image.width, "height": image.height,
-             "edited_pixels": edited_pixels},
-            _RemovalTask(image.batch, image.image_id, image.path, image.width, image.height,
-                         tuple(o.rle_counts for o in companion_objects), out_path),
-        )
-        for caption_id, text, original, kind in kept:
-            plan.add_caption(cf_image_id, pair, companion, caption_id, text, original, kind)
-        plan.objects.extend(
-            _instance_row(cf_image_id, o, False)
-            for o in split.objects[(image.batch, image.image_id)]
-            if o.category != companion
-        )
+        _add_removal(plan, split, anchor, companion, pair_dir, eligible[i])
     return len(chosen), len(eligible)
 
 
@@ -677,68 +716,217 @@ def build_train_counterfactuals(
     originals + all counterfactual images (their ``objects``), by
     ``cooccurrence.pair_statistics`` on instances.
     """
-    _require_columns(images, "images", ("batch", "split", "image_id", "path", "width", "height"))
-    _require_columns(captions, "captions", ("batch", "split", "caption_id", "image_id", "caption"))
-    _require_columns(
-        instances,
-        "instances",
-        ("batch", "split", "annotation_id", "image_id", "category", "category_id", "supercategory",
-         "bbox_x", "bbox_y", "bbox_w", "bbox_h", "area", "iscrowd", "rle_counts", "mask_area"),
+    train = _TrainInputs.prepare(
+        images, captions, instances, pairs, max_companion_fraction, dilation_px, workers, tasks_per_chunk,
+        removal_per_pair, paste_per_pair,
     )
-    _require_columns(pairs, "pairs", ("anchor", "companion"))
-    if not 0.0 < max_companion_fraction <= 1.0:
-        raise ValueError(f"max_companion_fraction must be in (0, 1], got {max_companion_fraction}")
-    for name, value in (("removal_per_pair", removal_per_pair), ("paste_per_pair", paste_per_pair)):
-        if value is not None and value < 0:
-            raise ValueError(f"{name} must be >= 0 or None (None: the default rule), got {value}")
-    if workers < 1 or tasks_per_chunk < 1 or dilation_px < 0:
-        raise ValueError(
-            "workers and tasks_per_chunk must be >= 1 and dilation_px >= 0, "
-            f"got {workers}, {tasks_per_chunk}, {dilation_px}"
-        )
     report = progress or (lambda message: None)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    train_images = images.filter(pl.col("split") == TRAIN_SPLIT)
-    train_instances = instances.filter(pl.col("split") == TRAIN_SPLIT)
-    split = _index_train_split(train_images, captions.filter(pl.col("split") == TRAIN_SPLIT), train_instances)
-    pair_list = list(dict.fromkeys(pairs.select("anchor", "companion").iter_rows()))
-    # A paste target showing both sides of any pair would copy that pair's co-occurrence.
-    clean = {
-        key for key, categories in split.categories.items()
-        if not any(a in categories and b in categories for a, b in pair_list)
-    }
     plan = _Plan()
     paste_counts: dict[str, int] = {}
-    for anchor, companion in pair_list:
+    for anchor, companion in train.pair_list:
+        pair_dir = out_dir / path_slug(pair_name(anchor, companion))
+        removals, eligible = _plan_removals(
+            train.split, plan, anchor, companion, pair_dir, removal_per_pair, max_companion_fraction, dilation_px, seed
+        )
+        paste_counts[pair_name(anchor, companion)] = _plan_pair_pastes(
+            train, plan, anchor, companion, pair_dir, removals, eligible, paste_per_pair,
+            max_companion_fraction, dilation_px, seed, report,
+        )
+    return _render_and_finish(
+        train, plan, pairs, inpainter, paste_counts, removal_per_pair, paste_per_pair,
+        max_companion_fraction, dilation_px, seed, workers, tasks_per_chunk, report,
+    )
+
+
+def build_train_removal_candidates(
+    images: pl.DataFrame,
+    captions: pl.DataFrame,
+    instances: pl.DataFrame,
+    pairs: pl.DataFrame,
+    out_dir: Path,
+    inpainter: Inpainter | InpainterSpec,
+    max_companion_fraction: float = 0.25,
+    dilation_px: int = 2,
+    workers: int = 1,
+    progress: Callable[[str], None] | None = None,
+    tasks_per_chunk: int = 8,
+) -> TrainCounterfactuals:
+    """Every removal edit ``build_train_counterfactuals`` could choose, rendered; no draw, no pastes.
+
+    Rows, PNG names and skipped rows are those of ``build_train_counterfactuals``
+    with ``removal_per_pair=None, paste_per_pair=0`` on the same tables (``lift``
+    is empty). Eligibility is decided image by image, so the candidates of
+    several batches, built one batch at a time, are the candidates of all of
+    them together: ``complete_train_counterfactuals`` draws from them.
+    """
+    train = _TrainInputs.prepare(
+        images, captions, instances, pairs, max_companion_fraction, dilation_px, workers, tasks_per_chunk, None, None
+    )
+    report = progress or (lambda message: None)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plan = _Plan()
+    for anchor, companion in train.pair_list:
+        removals, _ = _plan_removals(
+            train.split, plan, anchor, companion, out_dir / path_slug(pair_name(anchor, companion)),
+            None, max_companion_fraction, dilation_px, 0,
+        )
+        report(f"train removal candidates {pair_name(anchor, companion)}: {removals}")
+    finished = _render_and_finish(
+        train, plan, pairs, inpainter, {}, None, 0, max_companion_fraction, dilation_px, 0, workers, tasks_per_chunk,
+        report, lift=False,
+    )
+    finished.settings = {k: v for k, v in finished.settings.items() if k in ("inpainting_backend", "dilation_px",
+                                                                         "max_companion_fraction")}
+    return finished
+
+
+def complete_train_counterfactuals(
+    candidates: Sequence[TrainCounterfactuals],
+    images: pl.DataFrame,
+    captions: pl.DataFrame,
+    instances: pl.DataFrame,
+    pairs: pl.DataFrame,
+    out_dir: Path,
+    inpainter: Inpainter | InpainterSpec,
+    removal_per_pair: int | None = None,
+    paste_per_pair: int | None = None,
+    max_companion_fraction: float = 0.25,
+    dilation_px: int = 2,
+    seed: int = 0,
+    workers: int = 1,
+    progress: Callable[[str], None] | None = None,
+    tasks_per_chunk: int = 8,
+) -> TrainCounterfactuals:
+    """``build_train_counterfactuals`` of these tables, with its removal edits taken from ``candidates``.
+
+    ``candidates`` are ``build_train_removal_candidates`` results (one per batch,
+    say) that together cover every (batch, image) of the train split in
+    ``images`` for every pair in ``pairs``, made with the same
+    ``max_companion_fraction``, ``dilation_px`` and inpainter. Their PNGs are
+    hard-linked (copied across file systems) into ``out_dir`` under the names
+    the one-run function writes; the draw of ``removal_per_pair``, the paste
+    edits (which need the whole train pool: targets and donors from every
+    batch), the ids and ``lift`` are made here. The result equals
+    ``build_train_counterfactuals`` on the same arguments, PNG for PNG. A
+    candidate image that the tables do not have raises ValueError (the
+    candidates are stale: rebuild them).
+    """
+    train = _TrainInputs.prepare(
+        images, captions, instances, pairs, max_companion_fraction, dilation_px, workers, tasks_per_chunk,
+        removal_per_pair, paste_per_pair,
+    )
+    report = progress or (lambda message: None)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pool = _CandidatePool(candidates)
+    plan = _Plan()
+    paste_counts: dict[str, int] = {}
+    for anchor, companion in train.pair_list:
         pair = pair_name(anchor, companion)
         pair_dir = out_dir / path_slug(pair)
-        removals, eligible = _plan_removals(
-            split, plan, anchor, companion, pair_dir, removal_per_pair, max_companion_fraction, dilation_px, seed
+        eligible, skipped = pool.of_pair(pair, train.split)
+        plan.skipped.extend(skipped)
+        chosen = chosen_removals(len(eligible), removal_per_pair, seed, pair)
+        for i in chosen:
+            pool.add_to(plan, eligible[i], pair_dir)
+        paste_counts[pair] = _plan_pair_pastes(
+            train, plan, anchor, companion, pair_dir, len(chosen), len(eligible), paste_per_pair,
+            max_companion_fraction, dilation_px, seed, report,
         )
-        if paste_per_pair is None:
-            sets = split.categories.values()
-            wanted = pastes_for_unit_lift(
-                len(split.images), sum(anchor in c for c in sets), sum(companion in c for c in sets),
-                sum(anchor in c and companion in c for c in sets), removals,
-            )
-        else:
-            wanted = paste_per_pair
-        pasted, targets, donors = _plan_pastes(
-            split, plan, anchor, companion, pair_dir, wanted, clean, max_companion_fraction, dilation_px, seed
-        )
-        paste_counts[pair] = pasted
-        report(
-            f"train counterfactuals {pair}: {removals} removal(s) of {eligible} eligible, "
-            f"{pasted} paste(s) of {wanted} wanted ({targets} targets, {donors} donors)"
-        )
+    return _render_and_finish(
+        train, plan, pairs, inpainter, paste_counts, removal_per_pair, paste_per_pair,
+        max_companion_fraction, dilation_px, seed, workers, tasks_per_chunk, report,
+    )
 
-    tasks = plan.tasks
+
+@dataclass
+class _TrainInputs:
+    """The checked train split, indexed, with the pairs and the clean paste targets."""
+
+    train_images: pl.DataFrame
+    train_instances: pl.DataFrame
+    split: _TrainSplit
+    pair_list: list[tuple[str, str]]
+    clean: set[tuple[str, int]]
+
+    @classmethod
+    def prepare(
+        cls, images: pl.DataFrame, captions: pl.DataFrame, instances: pl.DataFrame, pairs: pl.DataFrame,
+        max_companion_fraction: float, dilation_px: int, workers: int, tasks_per_chunk: int,
+        removal_per_pair: int | None, paste_per_pair: int | None,
+    ) -> "_TrainInputs":
+        _require_columns(images, "images", ("batch", "split", "image_id", "path", "width", "height"))
+        _require_columns(captions, "captions", ("batch", "split", "caption_id", "image_id", "caption"))
+        _require_columns(
+            instances,
+            "instances",
+            ("batch", "split", "annotation_id", "image_id", "category", "category_id", "supercategory",
+             "bbox_x", "bbox_y", "bbox_w", "bbox_h", "area", "iscrowd", "rle_counts", "mask_area"),
+        )
+        _require_columns(pairs, "pairs", ("anchor", "companion"))
+        if not 0.0 < max_companion_fraction <= 1.0:
+            raise ValueError(f"max_companion_fraction must be in (0, 1], got {max_companion_fraction}")
+        for name, value in (("removal_per_pair", removal_per_pair), ("paste_per_pair", paste_per_pair)):
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0 or None (None: the default rule), got {value}")
+        if workers < 1 or tasks_per_chunk < 1 or dilation_px < 0:
+            raise ValueError(
+                "workers and tasks_per_chunk must be >= 1 and dilation_px >= 0, "
+                f"got {workers}, {tasks_per_chunk}, {dilation_px}"
+            )
+        train_images = images.filter(pl.col("split") == TRAIN_SPLIT)
+        train_instances = instances.filter(pl.col("split") == TRAIN_SPLIT)
+        split = _index_train_split(train_images, captions.filter(pl.col("split") == TRAIN_SPLIT), train_instances)
+        pair_list = list(dict.fromkeys(pairs.select("anchor", "companion").iter_rows()))
+        # A paste target showing both sides of any pair would copy that pair's co-occurrence.
+        clean = {
+            key for key, categories in split.categories.items()
+            if not any(a in categories and b in categories for a, b in pair_list)
+        }
+        return cls(train_images, train_instances, split, pair_list, clean)
+
+
+def _plan_pair_pastes(
+    train: _TrainInputs, plan: _Plan, anchor: str, companion: str, pair_dir: Path, removals: int, eligible: int,
+    paste_per_pair: int | None, max_companion_fraction: float, dilation_px: int, seed: int,
+    report: Callable[[str], None],
+) -> int:
+    """Plan the paste images of one pair after its ``removals``; returns how many were planned."""
+    if paste_per_pair is None:
+        sets = train.split.categories.values()
+        wanted = pastes_for_unit_lift(
+            len(train.split.images), sum(anchor in c for c in sets), sum(companion in c for c in sets),
+            sum(anchor in c and companion in c for c in sets), removals,
+        )
+    else:
+        wanted = paste_per_pair
+    pasted, targets, donors = _plan_pastes(
+        train.split, plan, anchor, companion, pair_dir, wanted, train.clean, max_companion_fraction, dilation_px, seed
+    )
+    report(
+        f"train counterfactuals {pair_name(anchor, companion)}: {removals} removal(s) of {eligible} eligible, "
+        f"{pasted} paste(s) of {wanted} wanted ({targets} targets, {donors} donors)"
+    )
+    return pasted
+
+
+def _render_and_finish(
+    train: _TrainInputs, plan: _Plan, pairs: pl.DataFrame, inpainter: Inpainter | InpainterSpec,
+    paste_counts: dict[str, int], removal_per_pair: int | None, paste_per_pair: int | None,
+    max_companion_fraction: float, dilation_px: int, seed: int, workers: int, tasks_per_chunk: int,
+    report: Callable[[str], None], lift: bool = True,
+) -> TrainCounterfactuals:
+    """Render the planned tasks (rows without one are already on disk), check their pixels, add lift and settings."""
+    to_render = [(row, task) for row, task in zip(plan.images, plan.tasks, strict=True) if task is not None]
+    tasks = [task for _, task in to_render]
     chunks = [tasks[i : i + tasks_per_chunk] for i in range(0, len(tasks), tasks_per_chunk)]
     report(f"train counterfactuals: rendering {len(tasks)} images in {len(chunks)} chunks")
     render = functools.partial(_render_train_chunk, dilation_px=dilation_px)
     edited_pixels = run_inpainting_chunks(render, chunks, inpainter, workers, report, "train counterfactuals")
-    for row, pixels in zip(plan.images, edited_pixels, strict=True):
+    for (row, _), pixels in zip(to_render, edited_pixels, strict=True):
         if row["edited_pixels"] != pixels:  # planning and rendering must agree on every mask
             raise RuntimeError(
                 f"train counterfactual {row['cf_image_id']} ({row['kind']} of image {row['source_image_id']}): "
@@ -746,7 +934,11 @@ def build_train_counterfactuals(
             )
     images_out = pl.DataFrame(plan.images, schema=TRAIN_CF_IMAGES_SCHEMA)
     objects_out = pl.DataFrame(plan.objects, schema=TRAIN_CF_OBJECTS_SCHEMA)
-    lift = _lift_table(train_images, train_instances, images_out, objects_out, pairs)
+    lift_table = (
+        _lift_table(train.train_images, train.train_instances, images_out, objects_out, pairs)
+        if lift
+        else pl.DataFrame(schema=LIFT_SCHEMA)
+    )
     name = getattr(inpainter, "backend", None) or getattr(inpainter, "name", type(inpainter).__name__)
     settings = {
         "inpainting_backend": name,
@@ -766,10 +958,69 @@ def build_train_counterfactuals(
         images=images_out,
         captions=pl.DataFrame(plan.captions, schema=TRAIN_CF_CAPTIONS_SCHEMA),
         objects=objects_out,
-        lift=lift,
+        lift=lift_table,
         skipped=pl.DataFrame(plan.skipped, schema=TRAIN_CF_SKIPPED_SCHEMA),
         settings=settings,
     )
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """One rendered removal edit of a candidate set: its image row, caption rows and object rows."""
+
+    image: dict
+    captions: tuple[dict, ...]
+    objects: tuple[dict, ...]
+
+
+class _CandidatePool:
+    """The removal candidates of several ``build_train_removal_candidates`` results, by pair."""
+
+    def __init__(self, candidates: Sequence[TrainCounterfactuals]) -> None:
+        self.by_pair: dict[str, list[_Candidate]] = {}
+        self.skipped: dict[str, list[dict]] = {}
+        for part in candidates:
+            captions_of: dict[int, list[dict]] = {}
+            for row in part.captions.sort("cf_caption_id").iter_rows(named=True):
+                captions_of.setdefault(row["cf_image_id"], []).append(row)
+            objects_of: dict[int, list[dict]] = {}
+            for row in part.objects.iter_rows(named=True):
+                objects_of.setdefault(row["cf_image_id"], []).append(row)
+            for row in part.images.filter(pl.col("kind") == REMOVAL).sort("cf_image_id").iter_rows(named=True):
+                self.by_pair.setdefault(row["pair"], []).append(
+                    _Candidate(row, tuple(captions_of.get(row["cf_image_id"], ())),
+                               tuple(objects_of.get(row["cf_image_id"], ())))
+                )
+            for row in part.skipped.filter(pl.col("kind") == REMOVAL).iter_rows(named=True):
+                self.skipped.setdefault(row["pair"], []).append(row)
+
+    def of_pair(self, pair: str, split: _TrainSplit) -> tuple[list[_Candidate], list[dict]]:
+        """The pair's candidates and skipped rows in (batch, image_id) order, checked against ``split``."""
+        eligible = sorted(self.by_pair.get(pair, []), key=lambda c: (c.image["batch"], c.image["source_image_id"]))
+        for candidate in eligible:
+            key = (candidate.image["batch"], candidate.image["source_image_id"])
+            image = split.images.get(key)
+            if image is None or image.path != candidate.image["source_path"]:
+                raise ValueError(
+                    f"removal candidate {candidate.image['path']} (pair {pair}, batch {key[0]!r}, image {key[1]}): "
+                    "the train tables have no such image (or it moved); the candidates are stale, rebuild them "
+                    "from the current batch"
+                )
+        skipped = sorted(self.skipped.get(pair, []), key=lambda r: (r["batch"], r["source_image_id"]))
+        return eligible, skipped
+
+    @staticmethod
+    def add_to(plan: _Plan, candidate: _Candidate, pair_dir: Path) -> None:
+        """Add ``candidate``'s rows to ``plan`` with new ids, its PNG linked into ``pair_dir``."""
+        source = Path(candidate.image["path"])
+        target = pair_dir / source.name
+        link_or_copy(source, target)
+        cf_image_id = plan.add_image(
+            {k: v for k, v in candidate.image.items() if k != "cf_image_id"} | {"path": str(target)}, None
+        )
+        for row in candidate.captions:
+            plan.captions.append(row | {"cf_caption_id": len(plan.captions) + 1, "cf_image_id": cf_image_id})
+        plan.objects.extend(row | {"cf_image_id": cf_image_id} for row in candidate.objects)
 
 
 # --------------------------------------------------------------------------- lift

@@ -20,6 +20,11 @@ Duplicate captions (templated data repeats texts across images) are masked as ne
 each other when `mask_duplicate_captions` is set: two pairs whose captions are the same
 string are not pushed apart.
 
+Data-parallel training (when `data_parallel` is given, inside a torchrun process group): every
+rank builds the same global batches, embeds its slice of each and scores the gathered global
+batch, so the loss curve and weights equal the one-process run up to float rounding
+(core/distributed.py says why). Only rank 0 writes the resumable state; every rank reads it.
+
 Resumable state (when `checkpoint_dir` is given): after each epoch,
 `checkpoint_dir/epoch-NNNN/` holds model.safetensors, optimizer.safetensors (Adam moments),
 rng.safetensors and state.json (scheduler, param groups, history, a fingerprint of config and
@@ -45,6 +50,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 
 from spur_assets.core.clip_model import ClipBundle, pixel_values_from_uint8, processor_image_size, text_max_length
 from spur_assets.core.devices import autocast_for
+from spur_assets.core.distributed import DataParallelGroup, data_parallel_towers, gathered_tower_features
 
 STATE_FORMAT_VERSION = 1
 
@@ -197,6 +203,7 @@ def train_clip(
     hard_negative_image: torch.Tensor | None = None,
     checkpoint_dir: Path | None = None,
     progress: Callable[[dict], None] | None = None,
+    data_parallel: DataParallelGroup | None = None,
 ) -> list[dict]:
     """Train `bundle.model` in place with CLIP's contrastive loss; return the per-epoch history.
 
@@ -211,6 +218,10 @@ def train_clip(
     last complete epoch. `progress` receives {epoch, step, steps_in_epoch, loss, lr,
     pairs_per_second} every `log_every_steps` steps. History rows: {epoch, loss, seconds,
     pairs, lr, logit_scale} (epoch counted from 1). The model is left in eval mode on `device`.
+    With `data_parallel` (this process's rank in an initialised torch.distributed group; every
+    rank calls with the same arguments and `device` its own) the global batch is `batch_size`
+    across all ranks, the model is wrapped in DistributedDataParallel, every rank returns the
+    same history and ends with the same weights, and only rank 0 writes `checkpoint_dir`.
     """
     device = torch.device(device)
     model = bundle.model
@@ -229,6 +240,7 @@ def train_clip(
     total_steps = max(1, steps_per_epoch * config.epochs)
     model.to(device)
     optimizer = _make_optimizer(model, config)
+    towers = None if data_parallel is None else data_parallel_towers(model, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(config.warmup_steps, total_steps))
 
     hn_text, hn_image = hard_negative_text, hard_negative_image
@@ -247,6 +259,7 @@ def train_clip(
             history = _run_epochs(
                 bundle, images_uint8, input_ids, attention_mask, text_id, caption_image, hn_text, hn_image,
                 config, device, optimizer, scheduler, fingerprint, checkpoint_dir, progress,
+                data_parallel, towers,
             )
         finally:
             torch.use_deterministic_algorithms(previous_deterministic, warn_only=previous_warn_only)
@@ -270,6 +283,8 @@ def _run_epochs(
     fingerprint: str,
     checkpoint_dir: Path | None,
     progress: Callable[[dict], None] | None,
+    data_parallel: DataParallelGroup | None = None,
+    towers: torch.nn.Module | None = None,
 ) -> list[dict]:
     model = bundle.model
     history: list[dict] = []
@@ -286,7 +301,7 @@ def _run_epochs(
         for step, batch_captions in enumerate(batches):
             loss = _batch_loss(
                 bundle, images_uint8, input_ids, attention_mask, text_id, caption_image,
-                batch_captions, hn_text, hn_image, config, device,
+                batch_captions, hn_text, hn_image, config, device, data_parallel, towers,
             )
             if not torch.isfinite(loss):
                 raise FloatingPointError(
@@ -325,7 +340,7 @@ def _run_epochs(
             "lr": scheduler.get_last_lr()[0],
             "logit_scale": float(model.logit_scale.exp().item()),
         })
-        if checkpoint_dir is not None:
+        if checkpoint_dir is not None and (data_parallel is None or data_parallel.is_main):
             _save_state(Path(checkpoint_dir), epoch + 1, fingerprint, model, optimizer, scheduler, history, device)
     return history
 
@@ -342,6 +357,8 @@ def _batch_loss(
     hn_image: torch.Tensor | None,
     config: TrainConfig,
     device: torch.device,
+    data_parallel: DataParallelGroup | None = None,
+    towers: torch.nn.Module | None = None,
 ) -> torch.Tensor:
     model = bundle.model
     batch_images = caption_image[batch_captions]
@@ -360,15 +377,22 @@ def _batch_loss(
 
     all_images = torch.cat([batch_images, extra_images])
     all_texts = torch.cat([batch_captions, extra_texts])
-    pixels = pixel_values_from_uint8(images_uint8[all_images].to(device), bundle.image_processor)
-    ids = input_ids[all_texts]
-    mask = attention_mask[all_texts]
-    length = int(mask.sum(dim=1).max())  # drop all-padding columns; pooling is on the eos token
-    ids, mask = ids[:, :length].to(device), mask[:, :length].to(device)
+    if data_parallel is not None and towers is not None:
+        # Each rank embeds a slice; the gathered features are the whole global batch, in this order.
+        image_features, text_features = gathered_tower_features(
+            towers, data_parallel, images_uint8, all_images, input_ids, attention_mask, all_texts,
+            bundle.image_processor, device,
+        )
+    else:
+        pixels = pixel_values_from_uint8(images_uint8[all_images].to(device), bundle.image_processor)
+        ids = input_ids[all_texts]
+        mask = attention_mask[all_texts]
+        length = int(mask.sum(dim=1).max())  # drop all-padding columns; pooling is on the eos token
+        ids, mask = ids[:, :length].to(device), mask[:, :length].to(device)
 
-    with autocast_for(device):
-        image_features = model.get_image_features(pixel_values=pixels).pooler_output
-        text_features = model.get_text_features(input_ids=ids, attention_mask=mask).pooler_output
+        with autocast_for(device):
+            image_features = model.get_image_features(pixel_values=pixels).pooler_output
+            text_features = model.get_text_features(input_ids=ids, attention_mask=mask).pooler_output
     image_emb = F.normalize(image_features.float(), dim=-1)
     text_emb = F.normalize(text_features.float(), dim=-1)
 

@@ -9,9 +9,37 @@ from safetensors.numpy import load_file
 
 from spur_assets.core.artifacts import ArtifactRef
 from spur_assets.core.vocabulary import mentioned_categories
-from spur_assets.pipeline.counterfactual_assets import synthetic_counterfactuals
+from spur_assets.pipeline.counterfactual_assets import counterfactual_dataset, synthetic_counterfactuals
+from spur_assets.pipeline.expose import spurious_features
 from spur_assets.pipeline.model_assets import base_checkpoint, finetuned_checkpoint
 from spur_assets.pipeline.report_assets import metric_report
+
+
+@dg.asset_check(
+    asset=spurious_features,
+    blocking=True,
+    description="pair statistics are consistent: n_both <= n_anchor, P(b|a) = n_both / n_anchor in [0, 1], lift finite",
+)
+def pair_statistics_consistent(spurious_features: ArtifactRef) -> dg.AssetCheckResult:
+    stats = spurious_features.read_table("spurious_features")
+    expected_p = pl.col("n_both") / pl.col("n_anchor")
+    bad = stats.filter(
+        (pl.col("n_both") < 0)
+        | (pl.col("n_both") > pl.col("n_anchor"))
+        | ~pl.col("p_companion_given_anchor").is_between(0.0, 1.0)
+        | ((pl.col("p_companion_given_anchor") - expected_p).abs() > 1e-9)
+        | ~pl.col("lift").is_finite()
+        | (pl.col("lift") < 0)
+    )
+    return dg.AssetCheckResult(
+        passed=bad.height == 0,
+        metadata={
+            "pairs": stats.height,
+            "flagged": stats.filter(pl.col("flagged")).height,
+            "inconsistent": bad.height,
+            "examples": str(bad.head(5).to_dicts()),
+        },
+    )
 
 
 @dg.asset_check(asset=synthetic_counterfactuals, blocking=True, description="every removal and control mask covers pixels")
@@ -86,11 +114,32 @@ def report_metrics_in_range(metric_report: ArtifactRef) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(passed=not problems, metadata={"problems": "\n".join(problems) or "none"})
 
 
+@dg.asset_check(
+    asset=counterfactual_dataset,
+    description="the exported dataset reads back strictly (every file and record valid) with the counts it claims",
+)
+def exported_dataset_reloads(counterfactual_dataset: ArtifactRef) -> dg.AssetCheckResult:
+    from spur_assets.core.coco_ingest import load_batch
+    from spur_assets.core.errors import DatasetError
+
+    manifest = counterfactual_dataset.path("dataset") / "dataset.yaml"
+    try:
+        tables = load_batch(manifest, batch="export-check", on_bad_record="fail")
+    except DatasetError as error:
+        return dg.AssetCheckResult(passed=False, metadata={"error": str(error)})
+    return dg.AssetCheckResult(
+        passed=tables.images.height > 0 and tables.captions.height > 0,
+        metadata={"images": tables.images.height, "captions": tables.captions.height, "instances": tables.instances.height},
+    )
+
+
 ALL_CHECKS = [
+    pair_statistics_consistent,
     counterfactual_masks_non_empty,
     edited_captions_drop_companion,
     counterfactual_sizes_unchanged,
     base_checkpoint_weights_finite,
     finetuned_checkpoint_weights_finite,
     report_metrics_in_range,
+    exported_dataset_reloads,
 ]

@@ -3,6 +3,7 @@
 import shutil
 import time
 from pathlib import Path
+from typing import Literal
 
 import dagster as dg
 import polars as pl
@@ -20,7 +21,10 @@ from spur_assets.core.devices import resolve_device
 from spur_assets.core.finetune_data import assemble_finetune_set
 from spur_assets.core.plots import loss_curve
 from spur_assets.core.training import TrainConfig, train_clip
+from spur_assets.core.training_job import TrainingJob
+from spur_assets.pipeline.cluster import GPU_STEP_TAGS
 from spur_assets.pipeline.ingest import ALL_BATCHES, batches_split
+from spur_assets.pipeline.pipes import train_with_torchrun
 from spur_assets.pipeline.recording import config_hash, recorded_materialization, upstream_refs
 from spur_assets.pipeline.resources import SpurSettings
 from spur_assets.pipeline.ui_metadata import markdown_image, markdown_table
@@ -48,9 +52,14 @@ class BaseCheckpointConfig(dg.Config):
     workers: int = 2  # image decoding threads
 
 
-def write_checkpoint_outputs(session, bundle, history: list[dict], asset: str) -> None:
-    """Stage the save_pretrained folder and, when there was training, its history table and loss plot."""
-    save_checkpoint(bundle, session.writer.path("checkpoint"))
+def write_checkpoint_outputs(session, bundle, history: list[dict], asset: str, saved: bool = False) -> None:
+    """Stage the save_pretrained folder and, when there was training, its history table and loss plot.
+
+    `saved`: the folder is already at session.writer.path("checkpoint") (written by a training
+    process); it is registered as it is.
+    """
+    if not saved:
+        save_checkpoint(bundle, session.writer.path("checkpoint"))
     session.writer.add_dir("checkpoint", "checkpoint")
     if history:
         session.writer.write_table(f"{asset}_history", pl.DataFrame(history))
@@ -90,6 +99,7 @@ def _log_progress(context: dg.AssetExecutionContext):
     code_version="1",
     io_manager_key="refs",
     pool="accelerator",
+    op_tags=GPU_STEP_TAGS,  # one GPU per step pod under the k8s_job_executor; inert elsewhere
     ins=ALL_BATCHES,
     description=(
         "The model under audit as a save_pretrained folder (safetensors, config, tokenizer, image "
@@ -172,6 +182,10 @@ class FinetunedCheckpointConfig(dg.Config):
     hard_negatives: bool = True  # I^-b <-> its original b-caption as extra negatives
     seed: int = 0
     workers: int = 2
+    # 1 trains in this process. N > 1 runs `torchrun --nproc_per_node=N` (DDP) through the
+    # pipes_subprocess resource with the same global batch_size and seed (docs/cluster.md).
+    nproc_per_node: int = 1
+    dist_backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: NCCL on GPUs, gloo on CPU
 
 
 @dg.asset(
@@ -180,18 +194,21 @@ class FinetunedCheckpointConfig(dg.Config):
     code_version="1",
     io_manager_key="refs",
     pool="accelerator",
+    op_tags=GPU_STEP_TAGS,  # one GPU per step pod under the k8s_job_executor; inert elsewhere
     ins=ALL_BATCHES,
     description=(
         "base_checkpoint fine-tuned with CLIP's InfoNCE on originals mixed with the synthetic train "
         "counterfactuals; each removal image brings its original companion caption as a hard-negative "
         "text and each such caption the removal image as a hard-negative image. Resumes from the last "
-        "epoch if a run was killed."
+        "epoch if a run was killed. With nproc_per_node > 1 it trains on that many torchrun "
+        "processes (DDP) through Dagster Pipes."
     ),
 )
 def finetuned_checkpoint(
     context: dg.AssetExecutionContext,
     config: FinetunedCheckpointConfig,
     settings: SpurSettings,
+    pipes_subprocess: dg.PipesSubprocessClient,
     raw_pairs: dict[str, ArtifactRef],
     base_checkpoint: ArtifactRef,
     synthetic_counterfactuals: ArtifactRef,
@@ -221,30 +238,49 @@ def finetuned_checkpoint(
         images = load_images_uint8(
             finetune_set.image_paths, processor_image_size(bundle.image_processor), workers=config.workers
         )
-        history = train_clip(
-            bundle,
-            images,
-            finetune_set.captions,
-            torch.tensor(finetune_set.caption_image, dtype=torch.long),
-            TrainConfig(
-                epochs=config.epochs,
-                batch_size=config.batch_size,
-                lr=config.lr,
-                warmup_steps=config.warmup_steps,
-                seed=config.seed,
-                captions_per_image=config.captions_per_image,
-            ),
-            device,
-            hard_negative_text=torch.tensor(finetune_set.hard_negative_text, dtype=torch.long),
-            hard_negative_image=torch.tensor(finetune_set.hard_negative_image, dtype=torch.long),
-            checkpoint_dir=resume_dir,
-            progress=_log_progress(context),
+        train_config = TrainConfig(
+            epochs=config.epochs,
+            batch_size=config.batch_size,
+            lr=config.lr,
+            warmup_steps=config.warmup_steps,
+            seed=config.seed,
+            captions_per_image=config.captions_per_image,
         )
-        write_checkpoint_outputs(session, bundle, history, "finetuned_checkpoint")
+        caption_image = torch.tensor(finetune_set.caption_image, dtype=torch.long)
+        hard_negative_text = torch.tensor(finetune_set.hard_negative_text, dtype=torch.long)
+        hard_negative_image = torch.tensor(finetune_set.hard_negative_image, dtype=torch.long)
+        parallel_metadata: dict = {}
+        if config.nproc_per_node == 1:
+            history = train_clip(
+                bundle,
+                images,
+                finetune_set.captions,
+                caption_image,
+                train_config,
+                device,
+                hard_negative_text=hard_negative_text,
+                hard_negative_image=hard_negative_image,
+                checkpoint_dir=resume_dir,
+                progress=_log_progress(context),
+            )
+            write_checkpoint_outputs(session, bundle, history, "finetuned_checkpoint")
+        else:
+            # Same training, on nproc_per_node torchrun ranks; rank 0 saves into the staging folder.
+            job = TrainingJob(
+                images, finetune_set.captions, caption_image, hard_negative_text, hard_negative_image, train_config,
+                base_checkpoint=base_checkpoint.path("checkpoint"), output_checkpoint=session.writer.path("checkpoint"),
+                resume_dir=resume_dir, device=settings.device, dist_backend=config.dist_backend,
+            )
+            history, parallel_metadata = train_with_torchrun(
+                context, pipes_subprocess, job, resume_dir / "torchrun-job", config.nproc_per_node
+            )
+            bundle = load_checkpoint(session.writer.path("checkpoint"), device="cpu")
+            write_checkpoint_outputs(session, bundle, history, "finetuned_checkpoint", saved=True)
     shutil.rmtree(resume_dir, ignore_errors=True)
     return session.output(
         {
             **checkpoint_metadata(session, bundle, history),
             "training_set": dg.MetadataValue.json(finetune_set.summary),
+            **parallel_metadata,
         }
     )

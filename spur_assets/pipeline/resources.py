@@ -25,6 +25,10 @@ class SpurSettings(dg.ConfigurableResource):
     def home_path(self) -> Path:
         return Path(self.home).expanduser().resolve()
 
+    @property
+    def inbox_path(self) -> Path:
+        return Path(self.inbox).expanduser().resolve() if self.inbox else self.home_path / "inbox"
+
     def lineage(self) -> LineageStore:
         return LineageStore(self.home_path)
 
