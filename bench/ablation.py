@@ -7,10 +7,11 @@ arm on the same eval set, and writes a Markdown table.
 
     .venv/bin/python bench/ablation.py --home .spur --seeds 0 --out bench/ABLATION.md
 
-Arms: removal + paste with hard negatives (the pipeline default), the same
-without hard negatives, removal only, paste only, and originals only (the same
-fine-tuning budget with no counterfactual: the control that separates "trained
-longer" from "trained on counterfactuals").
+Arms: removal + paste with hard negatives, the same without hard negatives,
+removal only with hard negatives (the default until issue #4), paste only,
+originals only (the same fine-tuning budget with no counterfactual: the control
+that separates "trained longer" from "trained on counterfactuals"), and removal
+only with paired batches and hard negatives weighted x4 (the pipeline default).
 """
 
 from __future__ import annotations
@@ -34,13 +35,20 @@ from spur_assets.core.lineage import LineageStore
 from spur_assets.core.training import TrainConfig, train_clip
 from spur_assets.pipeline.model_assets import FinetunedCheckpointConfig
 
+# Each arm: which counterfactuals (assemble_finetune_set) and which loss (TrainConfig). Arms 1-5
+# keep the loss they were measured with (bench/ABLATION.md); arm 6 is the pipeline default since
+# issue #4. Arm numbers are what --arms takes, so new arms go at the end.
 ARMS = {
     "removal + paste, hard negatives": dict(use_removal=True, use_paste=True, hard_negatives=True),
     "removal + paste, no hard negatives": dict(use_removal=True, use_paste=True, hard_negatives=False),
-    "removal only, hard negatives": dict(use_removal=True, use_paste=False, hard_negatives=True),
+    "removal, hard negatives (previous default)": dict(use_removal=True, use_paste=False, hard_negatives=True),
     "paste only": dict(use_removal=False, use_paste=True, hard_negatives=False),
     "originals only (control)": dict(use_removal=False, use_paste=False, hard_negatives=False),
+    "removal, paired batches, hard negatives x4": dict(
+        use_removal=True, use_paste=False, hard_negatives=True, paired_batches=True, hard_negative_weight=4.0
+    ),
 }
+LOSS_FIELDS = {"paired_batches": False, "hard_negative_weight": 1.0}  # the loss of arms that do not name it
 
 
 def latest_ref(store: LineageStore, asset: str) -> ArtifactRef:
@@ -91,9 +99,11 @@ def main() -> None:
     rows = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         for arm in chosen:
+            data = {k: v for k, v in ARMS[arm].items() if k not in LOSS_FIELDS}
+            loss = {k: ARMS[arm].get(k, default) for k, default in LOSS_FIELDS.items()}
             fs = assemble_finetune_set(
                 train.images, train.captions, cf.read_table("cf_train_images"), cf.read_table("cf_train_captions"),
-                counterfactual_ratio=defaults.counterfactual_ratio, seed=seed, **ARMS[arm],
+                counterfactual_ratio=defaults.counterfactual_ratio, seed=seed, **data,
             )
             bundle = load_checkpoint(base.path("checkpoint"))
             images = load_images_uint8(fs.image_paths, processor_image_size(bundle.image_processor), workers=2)
@@ -101,7 +111,8 @@ def main() -> None:
             train_clip(
                 bundle, images, fs.captions, torch.tensor(fs.caption_image),
                 TrainConfig(epochs=defaults.epochs, batch_size=defaults.batch_size, lr=defaults.lr,
-                            warmup_steps=defaults.warmup_steps, seed=seed, captions_per_image=defaults.captions_per_image),
+                            warmup_steps=defaults.warmup_steps, seed=seed, captions_per_image=defaults.captions_per_image,
+                            **loss),
                 "cpu",
                 hard_negative_text=torch.tensor(fs.hard_negative_text),
                 hard_negative_image=torch.tensor(fs.hard_negative_image),

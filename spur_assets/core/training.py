@@ -16,6 +16,19 @@ joins the image→text denominator of every image in the batch, except images it
 caption c: it joins the text→image denominator of every caption in the batch. Extras already
 in the batch are not added twice.
 
+Paired batches and hard-negative weight (issue #4; bench/RESEARCH.md, `paired_w4`). A removal
+image I⁻ᵇ is the image whose `hard_negative_text` (or whose `hard_negative_image` links) point
+at captions of its source image I; those captions are I's b-captions. With
+`TrainConfig.paired_batches`, `paired_epoch_batches` replaces `epoch_batches`: each round, every
+removal image rides in one unit with its source, the source's caption that round is one of its
+b-captions (cycled by round and epoch), and units are shuffled and cut at unit boundaries, so
+the in-batch InfoNCE itself has to tell I from I⁻ᵇ. Inside a family (I and its removal images)
+a caption that is not a hard negative of the image is a true description of it and is masked
+as a negative. With `hard_negative_weight` w ≠ 1, log(w) is added to every hard-negative logit
+(the cells pairing a removal image with a b-caption of its source, in the batch or extra), i.e.
+the hard negative counts w times in the softmax denominator. With either option on, every
+b-caption of I (not only `hard_negative_text`'s one) is a hard-negative text of I⁻ᵇ.
+
 Duplicate captions (templated data repeats texts across images) are masked as negatives for
 each other when `mask_duplicate_captions` is set: two pairs whose captions are the same
 string are not pushed apart.
@@ -75,6 +88,10 @@ class TrainConfig:
     max_logit_scale: float = 100.0
     mask_duplicate_captions: bool = True
     log_every_steps: int = 20
+    # log(w) added to every hard-negative logit (module docstring); 1 = plain InfoNCE with extras.
+    hard_negative_weight: float = 1.0
+    # Each removal image shares its batch with its source image (module docstring, paired_epoch_batches).
+    paired_batches: bool = False
 
     def __post_init__(self) -> None:
         if self.epochs < 0:
@@ -83,6 +100,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.batch_size={self.batch_size} must be >= 2 (contrastive loss needs negatives).")
         if self.captions_per_image is not None and self.captions_per_image < 1:
             raise ValueError(f"TrainConfig.captions_per_image={self.captions_per_image} must be >= 1 or None (all).")
+        if not self.hard_negative_weight > 0 or not math.isfinite(self.hard_negative_weight):
+            raise ValueError(f"TrainConfig.hard_negative_weight={self.hard_negative_weight} must be a finite number > 0 (1 = unweighted).")
         if self.lr <= 0 or self.warmup_steps < 0 or self.max_logit_scale <= 1:
             raise ValueError(
                 f"TrainConfig: lr={self.lr} must be > 0, warmup_steps={self.warmup_steps} >= 0, "
@@ -103,6 +122,9 @@ def contrastive_loss(
     false_negative_mask: torch.Tensor | None = None,
     extra_text_mask: torch.Tensor | None = None,
     extra_image_mask: torch.Tensor | None = None,
+    hard_negative_weight: float = 1.0,
+    hard_text_cells: torch.Tensor | None = None,
+    hard_image_cells: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Symmetric InfoNCE of CLIP over a batch of B matching pairs (image i, text i).
 
@@ -114,7 +136,10 @@ def contrastive_loss(
     every text's text→image softmax. Masks (True = leave out of that row's denominator):
     `false_negative_mask` [B, B] for in-batch pairs (applied in both directions, diagonal
     ignored), `extra_text_mask` [B, Et] for image rows, `extra_image_mask` [B, Ei] for text rows.
-    Computed in float32.
+    Hard-negative weight w: `hard_text_cells` [B, B+Et] (image→text, in-batch columns then
+    extras) and `hard_image_cells` [B, B+Ei] (text→image) mark hard-negative cells, whose
+    logits get + log(w), so each counts w times in its row's denominator; w = 1 or no cells
+    leaves the loss untouched. Computed in float32.
     """
     image_emb = image_emb.float()
     text_emb = text_emb.float()
@@ -138,6 +163,18 @@ def contrastive_loss(
         if extra_image_mask is not None:
             extra = extra.masked_fill(extra_image_mask.to(torch.bool), float("-inf"))
         logits_t2i = torch.cat([logits_t2i, extra], dim=1)
+    if hard_negative_weight != 1.0:
+        log_weight = math.log(hard_negative_weight)
+        for name, cells, logits in (("hard_text_cells", hard_text_cells, logits_i2t), ("hard_image_cells", hard_image_cells, logits_t2i)):
+            if cells is not None and tuple(cells.shape) != tuple(logits.shape):
+                raise ValueError(
+                    f"contrastive_loss: {name} has shape {tuple(cells.shape)} but the logits it marks are "
+                    f"{tuple(logits.shape)} (batch columns, then the extras given)."
+                )
+        if hard_text_cells is not None:
+            logits_i2t = logits_i2t + log_weight * hard_text_cells.to(device=logits_i2t.device, dtype=torch.bool)
+        if hard_image_cells is not None:
+            logits_t2i = logits_t2i + log_weight * hard_image_cells.to(device=logits_t2i.device, dtype=torch.bool)
     targets = torch.arange(batch, device=image_emb.device)
     return (F.cross_entropy(logits_i2t, targets) + F.cross_entropy(logits_t2i, targets)) / 2
 
@@ -189,6 +226,139 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+@dataclass(frozen=True)
+class HardNegativeLinks:
+    """Which captions are hard negatives of which removal image, derived from train_clip's index arrays.
+
+    `b_captions_of_removal[r]`: caption rows of r's source image that are hard negatives of
+    removal image r (those with hard_negative_image == r, in row order, with
+    hard_negative_text[r] first when no such link names it). `source_of_removal[r]`: the image
+    those captions describe. `family` [N]: the source row for removal images, the own row
+    otherwise. `caption_removals` [C, K]: the removal images each caption is a hard negative of,
+    -1 padded (a caption can be one removal's hard_negative_text and another's hard image link).
+    """
+
+    b_captions_of_removal: dict[int, list[int]]
+    source_of_removal: dict[int, int]
+    family: torch.Tensor
+    caption_removals: torch.Tensor
+
+    def is_hard(self, images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
+        """Bool [len(images), len(texts)]: text is a b-caption of that removal image's source."""
+        return (self.caption_removals[texts][None, :, :] == images[:, None, None]).any(-1)
+
+
+def hard_negative_links(
+    caption_image: torch.Tensor,
+    n_images: int,
+    hard_negative_text: torch.Tensor | None,
+    hard_negative_image: torch.Tensor | None,
+) -> HardNegativeLinks:
+    """The HardNegativeLinks of train_clip's inputs (indices as train_clip validates them; -1 = none).
+
+    Raises ValueError when a removal image's captions name two different source images, or a
+    source image is itself a removal image (paired batches could not place such a chain).
+    """
+    caption_image = torch.as_tensor(caption_image, dtype=torch.long).cpu()
+    b_captions: dict[int, list[int]] = {}
+    if hard_negative_image is not None:
+        for caption, removal in enumerate(torch.as_tensor(hard_negative_image).tolist()):
+            if removal >= 0:
+                b_captions.setdefault(removal, []).append(caption)
+    if hard_negative_text is not None:
+        for removal, caption in enumerate(torch.as_tensor(hard_negative_text).tolist()):
+            if caption >= 0 and caption not in b_captions.setdefault(removal, []):
+                b_captions[removal].insert(0, caption)
+    source: dict[int, int] = {}
+    for removal, captions in b_captions.items():
+        sources = sorted({int(caption_image[c]) for c in captions})
+        if len(sources) > 1:
+            raise ValueError(
+                f"train_clip: removal image {removal} has hard-negative captions {captions} of images {sources}; "
+                "hard_negative_text / hard_negative_image must link one removal image to captions of one source image."
+            )
+        source[removal] = sources[0]
+    chained = sorted(set(source.values()) & set(source))
+    if chained:
+        raise ValueError(
+            f"train_clip: image {chained[0]} is both a removal image (it has hard-negative captions) and the source of "
+            "another removal image; link each removal image to captions of an original image."
+        )
+    family = torch.arange(n_images)
+    for removal, image in source.items():
+        family[removal] = image
+    per_caption: dict[int, list[int]] = {}
+    for removal, captions in b_captions.items():
+        for caption in captions:
+            if removal not in per_caption.setdefault(caption, []):
+                per_caption[caption].append(removal)
+    width = max([len(v) for v in per_caption.values()], default=1)
+    caption_removals = torch.full((int(caption_image.shape[0]), width), -1, dtype=torch.long)
+    for caption, removals in per_caption.items():
+        caption_removals[caption, : len(removals)] = torch.tensor(removals, dtype=torch.long)
+    return HardNegativeLinks(b_captions, source, family, caption_removals)
+
+
+def paired_epoch_batches(
+    caption_image: torch.Tensor,
+    links: HardNegativeLinks,
+    batch_size: int,
+    captions_per_image: int | None,
+    seed: int,
+    epoch: int,
+) -> list[torch.Tensor]:
+    """Caption indices of each batch of one epoch (0-based `epoch`) where every removal image sits
+    in its source image's batch.
+
+    Rounds as in `epoch_batches` (captions_per_image of them; None = the most captions of any
+    image). In round r every image that is not a removal image and has an r-th caption forms a
+    unit with its removal images: the source's caption is one of each removal's b-captions
+    (cycled by round + epoch), each removal image's caption its own (r mod its count). Units are
+    shuffled and cut at unit boundaries near the equal split into ceil(n / batch_size) batches
+    (so a batch may exceed batch_size by up to a unit's size − 1); batch order is shuffled.
+    A batch never holds two captions of one image. Deterministic in its arguments.
+    """
+    generator = torch.Generator().manual_seed(_epoch_seed(seed, epoch) ^ 0x5EED)
+    captions_of: dict[int, list[int]] = {}
+    for caption, image in enumerate(torch.as_tensor(caption_image).tolist()):
+        captions_of.setdefault(image, []).append(caption)
+    for captions in captions_of.values():
+        order = torch.randperm(len(captions), generator=generator).tolist()
+        captions[:] = [captions[j] for j in order]
+    removals_of: dict[int, list[int]] = {}
+    for removal, source in links.source_of_removal.items():
+        if removal in captions_of:  # a removal image without captions has nothing to train on
+            removals_of.setdefault(source, []).append(removal)
+    rounds = max((len(c) for c in captions_of.values()), default=0) if captions_per_image is None else captions_per_image
+    batches: list[torch.Tensor] = []
+    for round_index in range(rounds):
+        units: list[list[int]] = []
+        for image, captions in captions_of.items():
+            if image in links.source_of_removal or round_index >= len(captions):
+                continue
+            unit = [captions[round_index]]
+            for removal in removals_of.get(image, []):
+                b_captions = links.b_captions_of_removal[removal]
+                unit[0] = b_captions[(round_index + epoch) % len(b_captions)]
+                own = captions_of[removal]
+                unit.append(own[round_index % len(own)])
+            units.append(unit)
+        order = torch.randperm(len(units), generator=generator).tolist()
+        members = torch.tensor([c for j in order for c in units[j]], dtype=torch.long)
+        n_batches = math.ceil(members.shape[0] / batch_size)
+        # Cut at the first unit boundary at or past each equal-split point, so a unit is never torn apart.
+        bounds, length, cut = [0], 0, 1
+        for j in order:
+            length += len(units[j])
+            if cut < n_batches and length >= round(cut * members.shape[0] / n_batches):
+                bounds.append(length)
+                cut += 1
+        bounds.append(members.shape[0])
+        batches.extend(members[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a)
+    order = torch.randperm(len(batches), generator=generator)
+    return [batches[i] for i in order.tolist()]
+
+
 # --------------------------------------------------------------------------- training
 
 
@@ -235,8 +405,11 @@ def train_clip(
     )
     input_ids, attention_mask = tokens["input_ids"], tokens["attention_mask"]
     text_id = _text_ids(captions)
+    links = None
+    if config.paired_batches or config.hard_negative_weight != 1.0:
+        links = hard_negative_links(caption_image, int(images_uint8.shape[0]), hard_negative_text, hard_negative_image)
 
-    steps_per_epoch = len(epoch_batches(caption_image, config.batch_size, config.captions_per_image, config.seed, 0))
+    steps_per_epoch = len(_epoch_batches_for(config, caption_image, links, 0))
     total_steps = max(1, steps_per_epoch * config.epochs)
     model.to(device)
     optimizer = _make_optimizer(model, config)
@@ -259,7 +432,7 @@ def train_clip(
             history = _run_epochs(
                 bundle, images_uint8, input_ids, attention_mask, text_id, caption_image, hn_text, hn_image,
                 config, device, optimizer, scheduler, fingerprint, checkpoint_dir, progress,
-                data_parallel, towers,
+                data_parallel, towers, links,
             )
         finally:
             torch.use_deterministic_algorithms(previous_deterministic, warn_only=previous_warn_only)
@@ -285,6 +458,7 @@ def _run_epochs(
     progress: Callable[[dict], None] | None,
     data_parallel: DataParallelGroup | None = None,
     towers: torch.nn.Module | None = None,
+    links: HardNegativeLinks | None = None,
 ) -> list[dict]:
     model = bundle.model
     history: list[dict] = []
@@ -296,12 +470,12 @@ def _run_epochs(
     for epoch in range(start_epoch, config.epochs):
         model.train()
         started = time.perf_counter()
-        batches = epoch_batches(caption_image, config.batch_size, config.captions_per_image, config.seed, epoch)
+        batches = _epoch_batches_for(config, caption_image, links, epoch)
         loss_sum, pairs_done, window_pairs, window_started = 0.0, 0, 0, time.perf_counter()
         for step, batch_captions in enumerate(batches):
             loss = _batch_loss(
                 bundle, images_uint8, input_ids, attention_mask, text_id, caption_image,
-                batch_captions, hn_text, hn_image, config, device, data_parallel, towers,
+                batch_captions, hn_text, hn_image, config, device, data_parallel, towers, links,
             )
             if not torch.isfinite(loss):
                 raise FloatingPointError(
@@ -345,6 +519,15 @@ def _run_epochs(
     return history
 
 
+def _epoch_batches_for(
+    config: TrainConfig, caption_image: torch.Tensor, links: HardNegativeLinks | None, epoch: int
+) -> list[torch.Tensor]:
+    if config.paired_batches:
+        assert links is not None  # train_clip builds them whenever paired_batches is set
+        return paired_epoch_batches(caption_image, links, config.batch_size, config.captions_per_image, config.seed, epoch)
+    return epoch_batches(caption_image, config.batch_size, config.captions_per_image, config.seed, epoch)
+
+
 def _batch_loss(
     bundle: ClipBundle,
     images_uint8: torch.Tensor,
@@ -359,12 +542,22 @@ def _batch_loss(
     device: torch.device,
     data_parallel: DataParallelGroup | None = None,
     towers: torch.nn.Module | None = None,
+    links: HardNegativeLinks | None = None,
 ) -> torch.Tensor:
     model = bundle.model
     batch_images = caption_image[batch_captions]
+    # Paired batches and the hard-negative weight take every b-caption as a hard-negative text;
+    # with both off the loss is the original one (only hard_negative_text's caption).
+    extended = config.paired_batches or config.hard_negative_weight != 1.0
+    if extended and links is None:
+        links = hard_negative_links(caption_image, int(images_uint8.shape[0]), hn_text, hn_image)
 
     extra_texts = torch.empty(0, dtype=torch.long)
-    if hn_text is not None:
+    if extended:
+        b_captions = [c for i in batch_images.tolist() for c in links.b_captions_of_removal.get(i, [])]
+        extra_texts = torch.unique(torch.tensor(b_captions, dtype=torch.long))
+        extra_texts = extra_texts[~torch.isin(extra_texts, batch_captions)]
+    elif hn_text is not None:
         extra_texts = hn_text[batch_images]
         extra_texts = torch.unique(extra_texts[extra_texts >= 0])
         extra_texts = extra_texts[~torch.isin(extra_texts, batch_captions)]
@@ -401,6 +594,17 @@ def _batch_loss(
     if config.mask_duplicate_captions:
         batch_text_id = text_id[batch_captions]
         false_negatives = (batch_text_id[:, None] == batch_text_id[None, :]).to(device)
+    hard_text_cells = hard_image_cells = None
+    if extended:
+        hard_in_batch = links.is_hard(batch_images, batch_captions)  # [image row, text column]
+        if config.paired_batches:
+            # Inside a family (I and its I⁻ᵇ) a caption that is not a hard negative truly describes the image.
+            family = links.family[batch_images]
+            same_family = ((family[:, None] == family[None, :]) & ~hard_in_batch).to(device)
+            false_negatives = same_family if false_negatives is None else false_negatives | same_family
+        if config.hard_negative_weight != 1.0:
+            hard_text_cells = torch.cat([hard_in_batch, links.is_hard(batch_images, extra_texts)], dim=1).to(device)
+            hard_image_cells = torch.cat([hard_in_batch.T, links.is_hard(extra_images, batch_captions).T], dim=1).to(device)
     # A hard-negative text still describes its own image: never a negative for that image.
     extra_text_mask = (batch_images[:, None] == caption_image[extra_texts][None, :]).to(device)
     if config.mask_duplicate_captions and extra_texts.numel():
@@ -413,6 +617,9 @@ def _batch_loss(
         extra_image_emb=image_emb[batch:],
         false_negative_mask=false_negatives,
         extra_text_mask=extra_text_mask,
+        hard_negative_weight=config.hard_negative_weight,
+        hard_text_cells=hard_text_cells,
+        hard_image_cells=hard_image_cells,
     )
 
 
@@ -506,6 +713,10 @@ def _fingerprint(
 ) -> str:
     digest = hashlib.sha256()
     settings = {k: v for k, v in asdict(config).items() if k != "log_every_steps"}
+    # Fields added after format 1 enter only when set, so states saved before them still resume.
+    for name, default in (("hard_negative_weight", 1.0), ("paired_batches", False)):
+        if settings[name] == default:
+            del settings[name]
     digest.update(json.dumps(settings, sort_keys=True).encode())
     digest.update(str(tuple(images_uint8.shape)).encode())
     digest.update(images_uint8.contiguous().cpu().numpy().tobytes())

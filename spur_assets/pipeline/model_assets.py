@@ -180,6 +180,11 @@ class FinetunedCheckpointConfig(dg.Config):
     # data they lowered ODmAP and R@5 (bench/ABLATION.md); set True to train on them too.
     use_paste: bool = False
     hard_negatives: bool = True  # I^-b <-> its original b-caption as extra negatives
+    # Each hard-negative logit + log(w), and I^-b trained in the same batch as its source I (core/training.py).
+    # Chosen on a validation split carved from the train images, not on the test set (bench/RESEARCH.md,
+    # `paired_w4`; 3 seeds through this code in bench/SEEDS.md).
+    hard_negative_weight: float = 4.0
+    paired_batches: bool = True
     seed: int = 0
     workers: int = 2
     # 1 trains in this process. N > 1 runs `torchrun --nproc_per_node=N` (DDP) through the
@@ -245,6 +250,8 @@ def finetuned_checkpoint(
             warmup_steps=config.warmup_steps,
             seed=config.seed,
             captions_per_image=config.captions_per_image,
+            hard_negative_weight=config.hard_negative_weight,
+            paired_batches=config.paired_batches,
         )
         caption_image = torch.tensor(finetune_set.caption_image, dtype=torch.long)
         hard_negative_text = torch.tensor(finetune_set.hard_negative_text, dtype=torch.long)
