@@ -290,7 +290,8 @@ def run(scale: str = "full", reps: int = 3, device: str = "cpu", log=print) -> S
             + (f"made `train_clip` {1 / speed:.1f}x slower: OpenMP threads spin-wait for each other when another "
                "process holds the core, and a small model's short kernels pay that wait at every op. "
                if speed < 1 else f"sped `train_clip` up {speed:.2f}x. ")
-            + "Benchmarks 1-5 therefore pin one thread on both sides of every ratio."
+            + "Benchmarks 1-5 pin one thread on both sides of every ratio, so that a change of the machine's "
+            "load during a run moves both sides alike instead of swinging one by the threads' spin-waiting."
         )
     raw = {"seconds": seconds, "results": results, "steps": len(batches), "threads": threads_seconds, "diagnosis": diagnosis}
     return Section(3, "Training step throughput: finetuned_checkpoint's step vs a minimal loop", figures, notes, raw)
