@@ -33,7 +33,7 @@ from spur_assets.core.evaluation import EvalSet, evaluate_checkpoint
 from spur_assets.core.finetune_data import assemble_finetune_set
 from spur_assets.core.lineage import LineageStore
 from spur_assets.core.training import TrainConfig, train_clip
-from spur_assets.pipeline.model_assets import FinetunedCheckpointConfig
+from spur_assets.pipeline.model_assets import FinetunedCheckpointConfig, finetune_lr
 
 # Each arm: which counterfactuals (assemble_finetune_set) and which loss (TrainConfig). Arms 1-5
 # keep the loss they were measured with (bench/ABLATION.md); arm 6 is the pipeline default since
@@ -93,6 +93,7 @@ def main() -> None:
     )
     overrides = {"epochs": args.epochs, "counterfactual_ratio": args.ratio, "lr": args.lr}
     defaults = FinetunedCheckpointConfig(**{k: v for k, v in overrides.items() if v})
+    defaults = defaults.model_copy(update={"lr": finetune_lr(defaults, base_model="")})  # the built-in base's rate
     base_metrics = headline(evaluate_checkpoint(load_checkpoint(base.path("checkpoint")), eval_set).metrics)
     print("base", base_metrics, flush=True)
     chosen = [list(ARMS)[int(i) - 1] for i in args.arms.split(",")] if args.arms else list(ARMS)

@@ -209,6 +209,7 @@ class Variant:
     captions_per_image: int = 5
     counterfactual_ratio: float = 0.34
     use_paste: bool = False
+    use_removal: bool = True  # False with use_paste False: originals only, the same budget (the control)
     # log(w) added to hard-negative logits (1 = plain InfoNCE with extras, as the pipeline)
     hn_weight: float = 1.0
     # weight of an extra two-way loss: softplus(s * (cos(hard) - cos(positive))) per hard negative
@@ -237,6 +238,13 @@ ARMS: dict[str, Variant] = {
     "paired": Variant(paired=True, mask_family=True),
     "paired_w4": Variant(paired=True, mask_family=True, hn_weight=4.0, all_b_captions=True),
     "ep8": Variant(epochs=8),
+    # Around `paired_w4` (the pipeline default since 8b12eb8), screened on the 4000-image data.
+    "pw4_ep8": Variant(paired=True, mask_family=True, hn_weight=4.0, all_b_captions=True, epochs=8),
+    "pw4_lr1e3": Variant(paired=True, mask_family=True, hn_weight=4.0, all_b_captions=True, lr=1e-3),
+    "pw4_paste": Variant(paired=True, mask_family=True, hn_weight=4.0, all_b_captions=True, use_paste=True),
+    "pw4_r05": Variant(paired=True, mask_family=True, hn_weight=4.0, all_b_captions=True, counterfactual_ratio=0.5),
+    "control": Variant(use_removal=False),
+    "pw4_w16": Variant(paired=True, mask_family=True, hn_weight=16.0, all_b_captions=True),
     "lr1e3": Variant(lr=1e-3),
     "ratio05": Variant(counterfactual_ratio=0.5),
     "freeze_text": Variant(freeze_text=True),
@@ -555,12 +563,15 @@ def main() -> None:
     parser.add_argument("--home", default="/work/main/.spur")
     parser.add_argument("--arms", default="default")
     parser.add_argument("--seeds", default="0")
-    parser.add_argument("--log", default=str(WORK / "results.jsonl"))
+    parser.add_argument("--work", default=str(WORK), help="folder for the validation base, named bases and the log")
+    parser.add_argument("--log", default="", help="results file (default: WORK/results.jsonl)")
+    parser.add_argument("--base-set", default="", help="BaseCheckpointConfig overrides for `valbase`/`base`, e.g. epochs=8")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--set", default="", help="extra Variant overrides for every arm, e.g. epochs=6,lr=1e-3")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    log = Path(args.log)
+    work = Path(args.work)
+    log = Path(args.log) if args.log else work / "results.jsonl"
     if args.command == "table":
         print_table(log)
         return
@@ -568,15 +579,21 @@ def main() -> None:
     for item in filter(None, args.set.split(",")):
         key, value = item.split("=")
         overrides[key] = value == "True" if value in ("True", "False") else json.loads(value)
-    val_base = WORK / "val_base"
+    base_overrides = {}
+    for item in filter(None, args.base_set.split(",")):
+        key, value = item.split("=")
+        base_overrides[key] = json.loads(value)
+    val_base = work / "val_base"
     if args.command == "valbase":
-        seconds = train_val_base(load_train_split(Path(args.home)), val_base)
-        log_result(log, {"kind": "valbase", "seconds": round(seconds)})
+        seconds = train_val_base(load_train_split(Path(args.home)), val_base, **base_overrides)
+        log_result(log, {"kind": "valbase", "overrides": base_overrides, "seconds": round(seconds)})
         return
     if args.command == "base":  # a stronger base on the full train split, e.g. --set epochs=32
-        out = WORK / args.base_name
-        seconds = train_val_base(load_train_split(Path(args.home)), out, hold_out_validation=False, **overrides)
-        log_result(log, {"kind": "base", "name": args.base_name, "overrides": overrides, "seconds": round(seconds)})
+        out = work / args.base_name
+        seconds = train_val_base(load_train_split(Path(args.home)), out, hold_out_validation=False,
+                                 **(base_overrides or overrides))
+        log_result(log, {"kind": "base", "name": args.base_name, "overrides": base_overrides or overrides,
+                         "seconds": round(seconds)})
         demo = load_demo(Path(args.home))
         m = evaluate_checkpoint(load_checkpoint(out), demo.test_eval).metrics
         log_result(log, {"kind": "base_eval", "name": args.base_name, **headline(m), "r10_i2t": m["recall"]["i2t"]["10"]})
@@ -609,15 +626,15 @@ def main() -> None:
             if args.command == "screen":
                 fs = assemble_finetune_set(split.fit_images, split.fit_captions, split.fit_cf_images,
                                            split.fit_cf_captions, counterfactual_ratio=v.counterfactual_ratio,
-                                           use_paste=v.use_paste, seed=seed)
+                                           use_paste=v.use_paste, use_removal=v.use_removal, seed=seed)
                 bundle = load_checkpoint(val_base)
                 seconds = finetune(bundle, fs, v, seed)
                 m = val_headline(evaluate_checkpoint(bundle, split.val_eval).metrics)
             else:
                 fs = assemble_finetune_set(demo.train.images, demo.train.captions, demo.cf_train_images,
                                            demo.cf_train_captions, counterfactual_ratio=v.counterfactual_ratio,
-                                           use_paste=v.use_paste, seed=seed)
-                base_path = WORK / args.base_name if args.base_name != "demo" else demo.base_path
+                                           use_paste=v.use_paste, use_removal=v.use_removal, seed=seed)
+                base_path = work / args.base_name if args.base_name != "demo" else demo.base_path
                 bundle = load_checkpoint(base_path)
                 seconds = finetune(bundle, fs, v, seed)
                 m = headline(evaluate_checkpoint(bundle, demo.test_eval).metrics)

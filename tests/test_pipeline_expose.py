@@ -17,7 +17,14 @@ from spur_assets.pipeline.counterfactual_assets import (
 )
 from spur_assets.pipeline.expose import spurious_features
 from spur_assets.pipeline.ingest import batches, raw_pairs
-from spur_assets.pipeline.model_assets import base_checkpoint, finetuned_checkpoint
+from spur_assets.pipeline.model_assets import (
+    BUILTIN_BASE_FINETUNE_LR,
+    PRETRAINED_FINETUNE_LR,
+    FinetunedCheckpointConfig,
+    base_checkpoint,
+    finetune_lr,
+    finetuned_checkpoint,
+)
 from spur_assets.pipeline.pipes import PIPES_SUBPROCESS_KEY, pipes_subprocess_client
 from spur_assets.pipeline.refs_io_manager import ArtifactRefIOManager
 from spur_assets.pipeline.report_assets import metric_report
@@ -75,6 +82,8 @@ def test_expose_graph_end_to_end(tmp_path):
             "base_checkpoint_weights_finite", "finetuned_checkpoint_weights_finite", "report_metrics_in_range",
             "exported_dataset_reloads",
         }
+        tuned_meta = rest.asset_materializations_for_node("finetuned_checkpoint")[0].metadata
+        assert tuned_meta["learning_rate"].value == BUILTIN_BASE_FINETUNE_LR  # automatic: a base trained here
         combined = rest.asset_materializations_for_node("synthetic_counterfactuals")[0].metadata
         assert combined["batches_from_partitions"].value == 1 and combined["batches_rebuilt_here"].value == "none"
         assert all(c.passed for c in checks), [(c.check_name, c.metadata) for c in checks if not c.passed]
@@ -117,6 +126,16 @@ def test_expose_graph_end_to_end(tmp_path):
                  "cf_train_lift", "metric_report_per_pair"):
         assert conn.execute(f"select count(*) from {view}").fetchone()[0] > 0, view
     conn.close()
+
+
+def test_finetune_lr_follows_the_kind_of_base():
+    auto = FinetunedCheckpointConfig()
+    assert finetune_lr(auto, base_model="") == BUILTIN_BASE_FINETUNE_LR
+    assert finetune_lr(auto, base_model="openai/clip-vit-base-patch32") == PRETRAINED_FINETUNE_LR
+    assert PRETRAINED_FINETUNE_LR < BUILTIN_BASE_FINETUNE_LR
+    assert finetune_lr(FinetunedCheckpointConfig(lr=2e-4), base_model="some/model") == 2e-4
+    with pytest.raises(ValueError, match="lr=-0.1"):
+        finetune_lr(FinetunedCheckpointConfig(lr=-0.1), base_model="")
 
 
 @pytest.mark.slow

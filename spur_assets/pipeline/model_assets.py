@@ -34,7 +34,9 @@ class BaseCheckpointConfig(dg.Config):
     """The small CLIP trained from scratch when SPUR_BASE_MODEL is unset (ignored otherwise).
 
     Defaults fit the built-in data's time budget on 2 CPU cores (bench/ has the
-    measurements): a 64-wide, 2-layer CLIP learns the scenes in ~2 minutes.
+    measurements): a 64-wide, 2-layer CLIP learns the scenes in ~3 minutes (8 epochs of the
+    4,000 train images; higher learning rates from scratch did worse on the validation split,
+    bench/RESEARCH.md section 5).
     """
 
     image_size: int = 64
@@ -44,7 +46,7 @@ class BaseCheckpointConfig(dg.Config):
     heads: int = 4
     vocab_size: int = 1024
     max_text_length: int = 24  # tokens; 99% of built-in captions fit
-    epochs: int = 16
+    epochs: int = 8
     batch_size: int = 128
     lr: float = 1e-3
     captions_per_image: int = 5  # captions of each image seen per epoch
@@ -169,7 +171,9 @@ class FinetunedCheckpointConfig(dg.Config):
 
     epochs: int = 4
     batch_size: int = 128
-    lr: float = 5e-4
+    # 0 = automatic (finetune_lr): BUILTIN_BASE_FINETUNE_LR for the small CLIP trained here,
+    # PRETRAINED_FINETUNE_LR for a SPUR_BASE_MODEL. Any value > 0 is used as it is.
+    lr: float = 0.0
     warmup_steps: int = 20
     captions_per_image: int = 5
     # share of counterfactual images among the images trained on; 0.34 kept R@5 over 3 seeds where
@@ -191,6 +195,26 @@ class FinetunedCheckpointConfig(dg.Config):
     # pipes_subprocess resource with the same global batch_size and seed (docs/cluster.md).
     nproc_per_node: int = 1
     dist_backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: NCCL on GPUs, gloo on CPU
+
+
+# Fine-tuning learning rates when FinetunedCheckpointConfig.lr is 0.
+# The small CLIP trained from scratch on the built-in data: ten times its own training rate, picked on
+# a validation split carved from the train images (bench/RESEARCH.md section 5: 1e-3 .. 8e-3 screened,
+# 5e-3 best on 2 seeds, 8e-3 worse). Part of what it buys is plain extra training: the originals-only
+# control with the same recipe gains on t2i and R@5 too (bench/CLAIM.md).
+BUILTIN_BASE_FINETUNE_LR = 5e-3
+# A pretrained CLIP (SPUR_BASE_MODEL) would be wrecked by that rate; 1e-5 is the usual range for
+# fine-tuning CLIP. Not measured in this project (no pretrained weights can be downloaded here).
+PRETRAINED_FINETUNE_LR = 1e-5
+
+
+def finetune_lr(config: FinetunedCheckpointConfig, base_model: str) -> float:
+    """The learning rate fine-tuning uses: config.lr if set, else the rate for the kind of base."""
+    if config.lr < 0:
+        raise ValueError(f"finetuned_checkpoint config lr={config.lr}: set a rate > 0, or 0 for the automatic one")
+    if config.lr > 0:
+        return config.lr
+    return PRETRAINED_FINETUNE_LR if base_model else BUILTIN_BASE_FINETUNE_LR
 
 
 @dg.asset(
@@ -231,7 +255,11 @@ def finetuned_checkpoint(
         hard_negatives=config.hard_negatives,
         seed=config.seed,
     )
-    context.log.info(f"fine-tuning set: {finetune_set.summary}")
+    lr = finetune_lr(config, settings.base_model)
+    context.log.info(
+        f"fine-tuning set: {finetune_set.summary}; learning rate {lr:g}"
+        + ("" if config.lr > 0 else f" (automatic, {'pretrained SPUR_BASE_MODEL' if settings.base_model else 'built-in base'})")
+    )
     inputs = upstream_refs(raw_pairs, base_checkpoint, synthetic_counterfactuals)
     # A killed run resumes from its last epoch: the work folder is keyed by what it trains on.
     resume_key = config_hash(
@@ -246,7 +274,7 @@ def finetuned_checkpoint(
         train_config = TrainConfig(
             epochs=config.epochs,
             batch_size=config.batch_size,
-            lr=config.lr,
+            lr=lr,
             warmup_steps=config.warmup_steps,
             seed=config.seed,
             captions_per_image=config.captions_per_image,
@@ -288,6 +316,7 @@ def finetuned_checkpoint(
         {
             **checkpoint_metadata(session, bundle, history),
             "training_set": dg.MetadataValue.json(finetune_set.summary),
+            "learning_rate": dg.MetadataValue.float(lr),
             **parallel_metadata,
         }
     )
