@@ -104,7 +104,8 @@ def validation_ids(train, n_val: int = 400, seed: int = 1234) -> set[int]:
 
 def load_demo(home: Path) -> Demo:
     store = LineageStore(home)
-    raw, base, cf = (latest_ref(store, a) for a in ("raw_pairs", "base_checkpoint", "synthetic_counterfactuals"))
+    raw, cf = (latest_ref(store, a) for a in ("raw_pairs", "synthetic_counterfactuals"))
+    base = latest_ref(store, "base_checkpoint") if store.latest("base_checkpoint") else None  # absent in an eval-only home
     tables = [raw.read_table(t) for t in ("raw_images", "raw_captions", "raw_instances")]
     train = union_split(*[[t] for t in tables], "train")
     test = union_split(*[[t] for t in tables], "test")
@@ -114,7 +115,7 @@ def load_demo(home: Path) -> Demo:
         cf_images=cf.read_table("cf_eval_images"), cf_captions=cf.read_table("cf_eval_captions"),
         pairs=list(pairs.select("anchor", "companion").iter_rows()),
     )
-    return Demo(Path(base.path("checkpoint")), base.materialization_id, cf.materialization_id, train, test_eval,
+    return Demo(Path(base.path("checkpoint")) if base else None, base.materialization_id if base else "", cf.materialization_id, train, test_eval,
                 cf.read_table("cf_train_images"), cf.read_table("cf_train_captions"))
 
 
@@ -567,6 +568,8 @@ def main() -> None:
     parser.add_argument("--log", default="", help="results file (default: WORK/results.jsonl)")
     parser.add_argument("--base-set", default="", help="BaseCheckpointConfig overrides for `valbase`/`base`, e.g. epochs=8")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--eval-home", default="", help="for `test`/`valbase_eval`: score on this home's test split "
+                        "instead (a built-in dataset of another seed: a validation set with the test split's rates)")
     parser.add_argument("--set", default="", help="extra Variant overrides for every arm, e.g. epochs=6,lr=1e-3")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -601,6 +604,8 @@ def main() -> None:
         return
     demo = load_demo(Path(args.home))
     split = carve_validation(demo)
+    if args.eval_home:  # the other seed's test split replaces the test set: a second validation set
+        demo.test_eval = load_demo(Path(args.eval_home)).test_eval
     if args.command == "ceiling":
         for name, path, ev in (("test", demo.base_path, demo.test_eval),) + (
             (("val", val_base, split.val_eval),) if val_base.exists() else ()
@@ -609,8 +614,9 @@ def main() -> None:
             log_result(log, row)
         return
     if args.command == "valbase_eval":
-        m = evaluate_checkpoint(load_checkpoint(val_base), split.val_eval).metrics
-        log_result(log, {"kind": "base_eval", "name": "val_base", **val_headline(m), "r10_i2t": m["recall"]["i2t"]["10"]})
+        if val_base.exists():
+            m = evaluate_checkpoint(load_checkpoint(val_base), split.val_eval).metrics
+            log_result(log, {"kind": "base_eval", "name": "val_base", **val_headline(m), "r10_i2t": m["recall"]["i2t"]["10"]})
         m = evaluate_checkpoint(load_checkpoint(demo.base_path), demo.test_eval).metrics
         log_result(log, {"kind": "base_eval", "name": "demo", "base": demo.base_id, **headline(m),
                          "r10_i2t": m["recall"]["i2t"]["10"]})
