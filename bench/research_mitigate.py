@@ -73,6 +73,7 @@ from spur_assets.core.training import (  # noqa: E402
 )
 
 WORK = Path("/tmp/research4")
+COMPANION_OF_PATH: dict[str, str] = {}  # removal image path -> companion, set in main() for pair_hard_t2i
 
 
 # --------------------------------------------------------------------------- data
@@ -221,6 +222,9 @@ class Variant:
     paired: bool = False
     # I's non-b captions and I^-b's captions are not negatives of each other (set for paired arms)
     mask_family: bool = False
+    # for a b-caption, every removal image of the same pair in the batch (not only its own I^-b) is a
+    # hard negative image (its logit + log hn_weight): the images that outrank I at test time
+    pair_hard_t2i: bool = False
     freeze_text: bool = False
     fixed_logit_scale: float | None = None  # exp(logit_scale); None = learned as in the pipeline
 
@@ -245,6 +249,7 @@ ARMS: dict[str, Variant] = {
     "pw4_paste": Variant(paired=True, mask_family=True, hn_weight=4.0, all_b_captions=True, use_paste=True),
     "pw4_r05": Variant(paired=True, mask_family=True, hn_weight=4.0, all_b_captions=True, counterfactual_ratio=0.5),
     "control": Variant(use_removal=False),
+    "pw4_pairhard": Variant(paired=True, mask_family=True, hn_weight=4.0, all_b_captions=True, pair_hard_t2i=True),
     "pw4_w16": Variant(paired=True, mask_family=True, hn_weight=16.0, all_b_captions=True),
     "lr1e3": Variant(lr=1e-3),
     "ratio05": Variant(counterfactual_ratio=0.5),
@@ -262,9 +267,10 @@ class HardLinks:
     family: torch.Tensor  # [N] source row for removal images, own row otherwise
     first_b_caption: torch.Tensor  # [N] the pipeline's hard_negative_text, -1 none
     hard_pairs: torch.Tensor  # [C, 2] removal rows a caption is a hard negative of, -1 none
+    pair_of_image: torch.Tensor | None = None  # [N] companion index of a removal image, -1 otherwise
 
 
-def hard_links(fs: FinetuneSet) -> HardLinks:
+def hard_links(fs: FinetuneSet, companion_of_path: dict[str, str] | None = None) -> HardLinks:
     hard_image = torch.as_tensor(fs.hard_negative_image, dtype=torch.long)
     caption_image = torch.as_tensor(fs.caption_image, dtype=torch.long)
     first = torch.as_tensor(fs.hard_negative_text, dtype=torch.long)
@@ -287,7 +293,12 @@ def hard_links(fs: FinetuneSet) -> HardLinks:
         for c in caps:
             slot = 0 if hard_pairs[c, 0] < 0 or hard_pairs[c, 0] == r else 1
             hard_pairs[c, slot] = r
-    return HardLinks(hard_image, b_caps, source, family, first, hard_pairs)
+    pair_of_image = None
+    if companion_of_path is not None:
+        names = sorted(set(companion_of_path.values()))
+        pair_of_image = torch.tensor([names.index(companion_of_path[p]) if p in companion_of_path and i in b_caps else -1
+                                      for i, p in enumerate(fs.image_paths)], dtype=torch.long)
+    return HardLinks(hard_image, b_caps, source, family, first, hard_pairs, pair_of_image)
 
 
 def paired_epoch_batches(
@@ -393,6 +404,14 @@ def variant_batch_loss(
     t2i = torch.cat([sim_bb.T.masked_fill(mask_bb.T, float("-inf")), scale * txt @ x_img.T], 1)
     hard_i2t = torch.cat([hard_bb, hard_xt], 1)
     hard_t2i = torch.cat([hard_bb.T, hard_xi], 1)
+    if v.pair_hard_t2i:
+        if links.pair_of_image is None:
+            raise ValueError("pair_hard_t2i needs hard_links(fs, companion_of_path)")
+        image_pair = links.pair_of_image[batch_images]  # [b]
+        caption_pair = torch.where(links.hard_pairs[batch_captions, 0] >= 0,
+                                   links.pair_of_image[links.hard_pairs[batch_captions, 0].clamp(min=0)], -1)  # [b]
+        same_pair = (caption_pair[:, None] == image_pair[None, :]) & (caption_pair[:, None] >= 0)  # [text j, image r]
+        hard_t2i = hard_t2i | torch.cat([same_pair & ~mask_bb.T, torch.zeros_like(hard_xi)], 1)
     if v.hn_weight != 1.0:
         i2t = i2t + math.log(v.hn_weight) * hard_i2t
         t2i = t2i + math.log(v.hn_weight) * hard_t2i
@@ -420,7 +439,7 @@ def finetune(bundle: ClipBundle, fs: FinetuneSet, v: Variant, seed: int) -> floa
     input_ids, attention_mask = tokens["input_ids"], tokens["attention_mask"]
     text_id = _text_ids(fs.captions)
     caption_image = torch.as_tensor(fs.caption_image, dtype=torch.long)
-    links = hard_links(fs)
+    links = hard_links(fs, COMPANION_OF_PATH or None)
     if v.freeze_text:
         for name, p in model.named_parameters():
             if name.startswith("text_model") or name.startswith("text_projection"):
@@ -603,6 +622,8 @@ def main() -> None:
         log_result(log, {"kind": "ceiling", "set": "test", "base": args.base_name, **ceiling(load_checkpoint(out), demo.test_eval)})
         return
     demo = load_demo(Path(args.home))
+    removals = demo.cf_train_images.filter(pl.col("kind") == "removal")
+    COMPANION_OF_PATH.update(zip(removals["path"].to_list(), removals["companion"].to_list()))
     split = carve_validation(demo)
     if args.eval_home:  # the other seed's test split replaces the test set: a second validation set
         demo.test_eval = load_demo(Path(args.eval_home)).test_eval
