@@ -64,11 +64,11 @@ from spur_assets.core.finetune_data import FinetuneSet, assemble_finetune_set  #
 from spur_assets.core.lineage import LineageStore  # noqa: E402
 from spur_assets.core.training import (  # noqa: E402
     TrainConfig,
-    _epoch_seed,
     _make_optimizer,
     _text_ids,
     _warmup_cosine,
     epoch_batches,
+    paired_epoch_batches,  # the research version of it, ported; HardLinks has the fields it reads
     train_clip,
 )
 
@@ -299,54 +299,6 @@ def hard_links(fs: FinetuneSet, companion_of_path: dict[str, str] | None = None)
         pair_of_image = torch.tensor([names.index(companion_of_path[p]) if p in companion_of_path and i in b_caps else -1
                                       for i, p in enumerate(fs.image_paths)], dtype=torch.long)
     return HardLinks(hard_image, b_caps, source, family, first, hard_pairs, pair_of_image)
-
-
-def paired_epoch_batches(
-    caption_image: torch.Tensor, links: HardLinks, batch_size: int, captions_per_image: int, seed: int, epoch: int
-) -> list[torch.Tensor]:
-    """Like training.epoch_batches, but each removal image sits in its source image's batch.
-
-    In every round the source's caption is one of its b-captions (cycled), so the batch holds
-    the contrast (I, b-caption) vs (I^-b, its caption).
-    """
-    generator = torch.Generator().manual_seed(_epoch_seed(seed, epoch) ^ 0x5EED)
-    captions_of: dict[int, list[int]] = {}
-    for c, i in enumerate(caption_image.tolist()):
-        captions_of.setdefault(i, []).append(c)
-    for caps in captions_of.values():
-        order = torch.randperm(len(caps), generator=generator).tolist()
-        caps[:] = [caps[j] for j in order]
-    removals_of: dict[int, list[int]] = {}
-    for r, s in links.source_of_removal.items():
-        removals_of.setdefault(s, []).append(r)
-    in_unit = set(links.source_of_removal)  # removal images travel with their source
-    batches: list[torch.Tensor] = []
-    for round_index in range(captions_per_image):
-        units: list[list[int]] = []
-        for image, caps in captions_of.items():
-            if image in in_unit or round_index >= len(caps):
-                continue
-            unit = [caps[round_index]]
-            for r in removals_of.get(image, []):
-                b_caps = links.b_captions_of_removal[r]
-                unit[0] = b_caps[(round_index + epoch) % len(b_caps)]
-                own = captions_of[r]
-                unit.append(own[round_index % len(own)])
-            units.append(unit)
-        order = torch.randperm(len(units), generator=generator).tolist()
-        members = torch.tensor([c for j in order for c in units[j]], dtype=torch.long)
-        n_batches = math.ceil(members.shape[0] / batch_size)
-        # Cut at unit boundaries near the equal split so a pair is never torn apart.
-        bounds, flat_len, cut = [0], 0, 1
-        for j in order:
-            flat_len += len(units[j])
-            if cut < n_batches and flat_len >= round(cut * members.shape[0] / n_batches):
-                bounds.append(flat_len)
-                cut += 1
-        bounds.append(members.shape[0])
-        batches.extend(members[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a)
-    order = torch.randperm(len(batches), generator=generator)
-    return [batches[i] for i in order.tolist()]
 
 
 def variant_batch_loss(
