@@ -10,7 +10,9 @@ fine-tuning variants the pipeline does not have yet, without touching spur_asset
 - paired sampling: each removal image I^-b shares its batch with its source image I (whose
   caption that round is a b-caption), so the in-batch InfoNCE itself has to separate them;
   I's other captions and I^-b's captions are masked as negatives of each other;
-- more epochs, learning rate, counterfactual ratio, frozen text tower, fixed temperature.
+- more epochs, learning rate, counterfactual ratio, frozen text tower, fixed temperature;
+- shortcut-wide hard negatives (`anchor_hard`): for a caption naming a flagged pair's companion b,
+  every in-batch image that shows the anchor a without b is a weighted hard negative.
 
 Hyperparameters are chosen on a validation split carved from the TRAIN images (never the
 test set): `valbase` trains a base checkpoint with the pipeline's base recipe on the train
@@ -19,6 +21,9 @@ validation images' removal counterfactuals (ODmAP, HR, R@5; no controls exist th
 `test` fine-tunes the demo's own base checkpoint on the full train split and scores the
 test set once per candidate and seed. `ceiling` measures, on the base, how much ODmAP a
 perfect shortcut removal alone could add (hard negatives taken out of the galleries).
+With `--eval-home H1,H2,...` (homes where `spur run --config` built another seed's data up
+to synthetic_counterfactuals) `test` scores each fine-tune on those draws' test splits
+instead: validation sets with the test split's rates that were never trained on.
 
     nice -n 10 .venv/bin/python bench/research_mitigate.py ceiling
     nice -n 10 .venv/bin/python bench/research_mitigate.py valbase
@@ -74,6 +79,10 @@ from spur_assets.core.training import (  # noqa: E402
 
 WORK = Path("/tmp/research4")
 COMPANION_OF_PATH: dict[str, str] = {}  # removal image path -> companion, set in main() for pair_hard_t2i
+# image path -> categories it shows (removal images: the source's minus the companion), and the flagged
+# (anchor, companion) pairs; set in main() for anchor_hard
+CATEGORIES_OF_PATH: dict[str, frozenset[str]] = {}
+FLAGGED_PAIRS: list[tuple[str, str]] = []
 
 
 # --------------------------------------------------------------------------- data
@@ -225,6 +234,10 @@ class Variant:
     # for a b-caption, every removal image of the same pair in the batch (not only its own I^-b) is a
     # hard negative image (its logit + log hn_weight): the images that outrank I at test time
     pair_hard_t2i: bool = False
+    # for a caption mentioning the companion b of a flagged pair (a, b), every in-batch image that shows a
+    # and not b (natural anchor-only images and removal images alike) is a hard negative image (+ log
+    # hn_weight); with "both", for such an image every in-batch caption mentioning b is a hard negative text
+    anchor_hard: str = ""  # "", "t2i" or "both"
     freeze_text: bool = False
     fixed_logit_scale: float | None = None  # exp(logit_scale); None = learned as in the pipeline
 
@@ -250,6 +263,8 @@ ARMS: dict[str, Variant] = {
     "pw4_r05": Variant(paired=True, mask_family=True, hn_weight=4.0, all_b_captions=True, counterfactual_ratio=0.5),
     "control": Variant(use_removal=False),
     "pw4_pairhard": Variant(paired=True, mask_family=True, hn_weight=4.0, all_b_captions=True, pair_hard_t2i=True),
+    "pw4_anchorhard": Variant(paired=True, mask_family=True, hn_weight=4.0, all_b_captions=True, anchor_hard="t2i"),
+    "pw4_anchorhard2": Variant(paired=True, mask_family=True, hn_weight=4.0, all_b_captions=True, anchor_hard="both"),
     "pw4_w16": Variant(paired=True, mask_family=True, hn_weight=16.0, all_b_captions=True),
     "lr1e3": Variant(lr=1e-3),
     "ratio05": Variant(counterfactual_ratio=0.5),
@@ -268,6 +283,8 @@ class HardLinks:
     first_b_caption: torch.Tensor  # [N] the pipeline's hard_negative_text, -1 none
     hard_pairs: torch.Tensor  # [C, 2] removal rows a caption is a hard negative of, -1 none
     pair_of_image: torch.Tensor | None = None  # [N] companion index of a removal image, -1 otherwise
+    caption_mentions_b: torch.Tensor | None = None  # [C, P] caption mentions the companion of flagged pair p
+    image_anchor_only: torch.Tensor | None = None  # [N, P] image shows the anchor of pair p and not its companion
 
 
 def hard_links(fs: FinetuneSet, companion_of_path: dict[str, str] | None = None) -> HardLinks:
@@ -298,7 +315,15 @@ def hard_links(fs: FinetuneSet, companion_of_path: dict[str, str] | None = None)
         names = sorted(set(companion_of_path.values()))
         pair_of_image = torch.tensor([names.index(companion_of_path[p]) if p in companion_of_path and i in b_caps else -1
                                       for i, p in enumerate(fs.image_paths)], dtype=torch.long)
-    return HardLinks(hard_image, b_caps, source, family, first, hard_pairs, pair_of_image)
+    mentions_b = anchor_only = None
+    if CATEGORIES_OF_PATH and FLAGGED_PAIRS:
+        from spur_assets.core.vocabulary import mentioned_categories
+
+        mentions = [mentioned_categories(str(c)) for c in fs.captions]
+        mentions_b = torch.tensor([[b in m for _, b in FLAGGED_PAIRS] for m in mentions], dtype=torch.bool)
+        cats = [CATEGORIES_OF_PATH[p] for p in fs.image_paths]
+        anchor_only = torch.tensor([[a in c and b not in c for a, b in FLAGGED_PAIRS] for c in cats], dtype=torch.bool)
+    return HardLinks(hard_image, b_caps, source, family, first, hard_pairs, pair_of_image, mentions_b, anchor_only)
 
 
 def variant_batch_loss(
@@ -364,6 +389,15 @@ def variant_batch_loss(
                                    links.pair_of_image[links.hard_pairs[batch_captions, 0].clamp(min=0)], -1)  # [b]
         same_pair = (caption_pair[:, None] == image_pair[None, :]) & (caption_pair[:, None] >= 0)  # [text j, image r]
         hard_t2i = hard_t2i | torch.cat([same_pair & ~mask_bb.T, torch.zeros_like(hard_xi)], 1)
+    if v.anchor_hard:
+        if links.caption_mentions_b is None:
+            raise ValueError("anchor_hard needs CATEGORIES_OF_PATH and FLAGGED_PAIRS")
+        cap_b = links.caption_mentions_b[batch_captions].float()  # [b, P]
+        img_ao = links.image_anchor_only[batch_images].float()  # [b, P]
+        shortcut = (cap_b @ img_ao.T) > 0  # [text j, image r]: j names b, r shows a without b
+        hard_t2i = hard_t2i | torch.cat([shortcut & ~mask_bb.T, torch.zeros_like(hard_xi)], 1)
+        if v.anchor_hard == "both":
+            hard_i2t = hard_i2t | torch.cat([shortcut.T & ~mask_bb, torch.zeros_like(hard_xt)], 1)
     if v.hn_weight != 1.0:
         i2t = i2t + math.log(v.hn_weight) * hard_i2t
         t2i = t2i + math.log(v.hn_weight) * hard_t2i
@@ -539,8 +573,10 @@ def main() -> None:
     parser.add_argument("--log", default="", help="results file (default: WORK/results.jsonl)")
     parser.add_argument("--base-set", default="", help="BaseCheckpointConfig overrides for `valbase`/`base`, e.g. epochs=8")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--eval-home", default="", help="for `test`/`valbase_eval`: score on this home's test split "
-                        "instead (a built-in dataset of another seed: a validation set with the test split's rates)")
+    parser.add_argument("--save", default="", help="for `test`: save each fine-tuned model under SAVE/ARM-seedN")
+    parser.add_argument("--eval-home", default="", help="for `test`/`valbase_eval`: score on these homes' test splits "
+                        "instead (comma-separated; built-in datasets of other seeds: validation sets with the test "
+                        "split's rates)")
     parser.add_argument("--set", default="", help="extra Variant overrides for every arm, e.g. epochs=6,lr=1e-3")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -576,9 +612,21 @@ def main() -> None:
     demo = load_demo(Path(args.home))
     removals = demo.cf_train_images.filter(pl.col("kind") == "removal")
     COMPANION_OF_PATH.update(zip(removals["path"].to_list(), removals["companion"].to_list()))
+    cats_of_image = {i: frozenset(g["category"].to_list()) for (i,), g in demo.train.instances.group_by("image_id")}
+    for image_id, path in demo.train.images.select("image_id", "path").iter_rows():
+        CATEGORIES_OF_PATH[path] = cats_of_image.get(image_id, frozenset())
+    path_of_id = dict(demo.train.images.select("image_id", "path").iter_rows())
+    for path, kind, source, companion in demo.cf_train_images.select("path", "kind", "source_image_id", "companion").iter_rows():
+        shown = CATEGORIES_OF_PATH[path_of_id[source]]  # removal: I loses b; paste: the target T gains b
+        CATEGORIES_OF_PATH[path] = shown - {companion} if kind == "removal" else shown | {companion}
+    FLAGGED_PAIRS.extend(demo.test_eval.pairs)
     split = carve_validation(demo)
-    if args.eval_home:  # the other seed's test split replaces the test set: a second validation set
-        demo.test_eval = load_demo(Path(args.eval_home)).test_eval
+    # --eval-home: other seeds' test splits replace the test set (validation sets with the test split's
+    # rates); each fine-tune is scored on every one of them.
+    evals = [(h, load_demo(Path(h)).test_eval) for h in filter(None, args.eval_home.split(","))]
+    if evals:
+        demo.test_eval = evals[0][1]
+    evals = evals or [("", demo.test_eval)]
     if args.command == "ceiling":
         for name, path, ev in (("test", demo.base_path, demo.test_eval),) + (
             (("val", val_base, split.val_eval),) if val_base.exists() else ()
@@ -590,9 +638,10 @@ def main() -> None:
         if val_base.exists():
             m = evaluate_checkpoint(load_checkpoint(val_base), split.val_eval).metrics
             log_result(log, {"kind": "base_eval", "name": "val_base", **val_headline(m), "r10_i2t": m["recall"]["i2t"]["10"]})
-        m = evaluate_checkpoint(load_checkpoint(demo.base_path), demo.test_eval).metrics
-        log_result(log, {"kind": "base_eval", "name": "demo", "base": demo.base_id, **headline(m),
-                         "r10_i2t": m["recall"]["i2t"]["10"]})
+        for eval_home, ev in evals:
+            m = evaluate_checkpoint(load_checkpoint(demo.base_path), ev).metrics
+            log_result(log, {"kind": "base_eval", "name": "demo", "base": demo.base_id, **headline(m),
+                             "r10_i2t": m["recall"]["i2t"]["10"], **({"eval_home": eval_home} if eval_home else {})})
         return
     if args.command == "check":
         fs = assemble_finetune_set(demo.train.images, demo.train.captions, demo.cf_train_images, demo.cf_train_captions,
@@ -616,28 +665,40 @@ def main() -> None:
                 base_path = work / args.base_name if args.base_name != "demo" else demo.base_path
                 bundle = load_checkpoint(base_path)
                 seconds = finetune(bundle, fs, v, seed)
-                m = headline(evaluate_checkpoint(bundle, demo.test_eval).metrics)
+                if args.save:
+                    save_checkpoint(bundle, Path(args.save) / f"{arm}-seed{seed}")
+                for eval_home, ev in evals:
+                    m = headline(evaluate_checkpoint(bundle, ev).metrics)
+                    log_result(log, {"kind": "test", "arm": arm, "variant": v.label(), "seed": seed,
+                                     "base": demo.base_id if args.base_name == "demo" else args.base_name,
+                                     "train_images": len(fs.image_paths), "seconds": round(seconds), **m,
+                                     **({"eval_home": eval_home} if eval_home else {})})
+                continue
             log_result(log, {"kind": args.command, "arm": arm, "variant": v.label(), "seed": seed,
-                             "base": (demo.base_id if args.base_name == "demo" else args.base_name) if args.command == "test" else "val_base", "train_images": len(fs.image_paths), "seconds": round(seconds), **m})
+                             "base": "val_base", "train_images": len(fs.image_paths), "seconds": round(seconds), **m})
 
 
 def print_table(log: Path) -> None:
-    """Markdown tables of the logged runs: gains over the matching base, means over seeds."""
+    """Markdown tables of the logged runs: gains over the matching base, means over seeds.
+
+    Rows scored on --eval-home draws carry the draw's folder name; their base is the base scored
+    on the same draw.
+    """
     rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    bases = {r["name"]: r for r in rows if r["kind"] == "base_eval"}
-    for kind, title in (("screen", "validation (train images held out)"), ("test", "test set")):
+    bases = {(r["name"], r.get("eval_home", "")): r for r in rows if r["kind"] == "base_eval"}
+    for kind, title in (("screen", "validation (train images held out)"), ("test", "test set or --eval-home draws")):
         runs = [r for r in rows if r["kind"] == kind]
         if not runs:
             continue
         print(f"\n### {title}\n")
-        print("| base | arm | variant | seeds | ODmAP i2t (gain) | ODmAP t2i (gain) | HR@10 | R@5 i2t (chg) "
+        print("| base | draw | arm | variant | seeds | ODmAP i2t (gain) | ODmAP t2i (gain) | HR@10 | R@5 i2t (chg) "
               "| R@5 t2i (chg) | Δ_ctrl | s |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         groups: dict[tuple, list[dict]] = {}
         for r in runs:
-            groups.setdefault((r["base"], r["arm"], r["variant"]), []).append(r)
-        for (base, arm, variant), group in groups.items():
-            ref = bases.get("val_base" if kind == "screen" else base) or bases.get("demo")
+            groups.setdefault((r["base"], r.get("eval_home", ""), r["arm"], r["variant"]), []).append(r)
+        for (base, draw, arm, variant), group in groups.items():
+            ref = bases.get(("val_base" if kind == "screen" else base, draw)) or bases.get(("demo", draw))
             mean = {k: float(np.mean([g[k] for g in group])) for k in group[0] if isinstance(group[0][k], (int, float))}
 
             def cell(key: str) -> str:
@@ -645,7 +706,8 @@ def print_table(log: Path) -> None:
                 return f"{mean[key]:.3f}{gain}"
 
             ctrl = f"{mean['delta_ctrl']:+.3f}" if "delta_ctrl" in mean else "–"
-            print(f"| {base[:12]} | {arm} | {variant} | {','.join(str(g['seed']) for g in group)} | {cell('odmap_i2t')} "
+            print(f"| {base[:12]} | {Path(draw).name or 'test'} | {arm} | {variant} | "
+                  f"{','.join(str(g['seed']) for g in group)} | {cell('odmap_i2t')} "
                   f"| {cell('odmap_t2i')} | {mean['hr']:.3f} | {cell('r5_i2t')} | {cell('r5_t2i')} | {ctrl} "
                   f"| {mean['seconds']:.0f} |")
 

@@ -145,3 +145,22 @@ def test_results_markdown_has_machine_summary_and_sections():
     assert "| cpu | test cpu |" in text and "## Summary" in text and "**missed**" in text
     assert "## 1. A benchmark" in text and "A note." in text and text.rstrip().endswith("## Appendix")
     assert figures_table(section.figures).count("\n") == 2
+
+
+def test_pipeline_seeds_bootstrap_is_the_macro_gain_with_a_paired_interval():
+    import numpy as np
+
+    from bench.pipeline_seeds import bootstrap_macro_gain
+
+    # Two pairs of unequal size: the gain is the mean of the per-pair mean gains (macro), nan queries skipped.
+    base = np.array([0.1, 0.2, 0.3, 0.4, np.nan, 0.0])
+    tuned = np.array([0.3, 0.4, 0.5, 0.6, 0.9, 0.0])
+    pairs = ["a->b"] * 5 + ["c->d"]
+    out = bootstrap_macro_gain(base, tuned, pairs, resamples=200)
+    assert out["gain"] == pytest.approx((0.2 + 0.0) / 2)
+    # Every query of a->b gains exactly 0.2 and c->d has one query: no resample can move the gain.
+    assert out["sd"] == pytest.approx(0.0, abs=1e-12)
+    assert out["ci95"] == pytest.approx([0.1, 0.1])
+    # Uneven gains give an interval that contains the estimate and has width.
+    noisy = bootstrap_macro_gain(np.zeros(40), np.linspace(-0.2, 0.4, 40), ["a->b"] * 40, resamples=500)
+    assert noisy["ci95"][0] < noisy["gain"] < noisy["ci95"][1] and noisy["sd"] > 0.01
