@@ -68,15 +68,11 @@ def run_pipeline(home: Path, seed: int) -> float:
 
 
 def run_seconds(home: Path) -> float:
-    """Wall time of the run that made the latest materialization of each asset, from lineage.duckdb."""
-    import duckdb
-
-    with duckdb.connect(str(home / "lineage.duckdb"), read_only=True) as db:
-        start, end = db.sql(
-            "select min(started_at), max(ended_at) from (select asset, partition, arg_max(started_at, ended_at) as "
-            "started_at, max(ended_at) as ended_at from materializations group by asset, partition)"
-        ).fetchone()
-    return (end - start).total_seconds()
+    """Wall time from the first start to the last end among the newest materialization of each asset."""
+    spans = LineageStore(home).sql(
+        "select max(started_at) as started_at, max(ended_at) as ended_at from materializations group by asset, partition"
+    )
+    return (spans["ended_at"].max() - spans["started_at"].min()).total_seconds()
 
 
 def control_row(home: Path) -> dict:
