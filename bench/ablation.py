@@ -85,12 +85,7 @@ def main() -> None:
     raw, base, cf = (latest_ref(store, a) for a in ("raw_pairs", "base_checkpoint", "synthetic_counterfactuals"))
     tables = [raw.read_table(t) for t in ("raw_images", "raw_captions", "raw_instances")]
     train, test = union_split(*[[t] for t in tables], "train"), union_split(*[[t] for t in tables], "test")
-    pairs = cf.read_table("cf_pairs")
-    eval_set = EvalSet(
-        images=test.images, captions=test.captions, instances=test.instances,
-        cf_images=cf.read_table("cf_eval_images"), cf_captions=cf.read_table("cf_eval_captions"),
-        pairs=list(pairs.select("anchor", "companion").iter_rows()),
-    )
+    eval_set = EvalSet.of(test, cf)
     overrides = {"epochs": args.epochs, "counterfactual_ratio": args.ratio, "lr": args.lr}
     defaults = FinetunedCheckpointConfig(**{k: v for k, v in overrides.items() if v})
     defaults = defaults.model_copy(update={"lr": finetune_lr(defaults, base_model="")})  # the built-in base's rate

@@ -93,11 +93,7 @@ def bootstrap_gains(home: Path, resamples: int = 2000) -> dict:
     raw, cf = latest_ref(store, "raw_pairs"), latest_ref(store, "synthetic_counterfactuals")
     tables = [raw.read_table(t) for t in ("raw_images", "raw_captions", "raw_instances")]
     test = union_split(*[[t] for t in tables], "test")
-    index = build_eval_index(EvalSet(
-        images=test.images, captions=test.captions, instances=test.instances,
-        cf_images=cf.read_table("cf_eval_images"), cf_captions=cf.read_table("cf_eval_captions"),
-        pairs=list(cf.read_table("cf_pairs").select("anchor", "companion").iter_rows()),
-    ))
+    index = build_eval_index(EvalSet.of(test, cf))
 
     def per_query(asset: str) -> tuple[np.ndarray, np.ndarray]:
         emb = embed_eval_set(load_checkpoint(latest_ref(store, asset).path("checkpoint")), index)

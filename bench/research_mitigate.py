@@ -119,12 +119,7 @@ def load_demo(home: Path) -> Demo:
     tables = [raw.read_table(t) for t in ("raw_images", "raw_captions", "raw_instances")]
     train = union_split(*[[t] for t in tables], "train")
     test = union_split(*[[t] for t in tables], "test")
-    pairs = cf.read_table("cf_pairs")
-    test_eval = EvalSet(
-        images=test.images, captions=test.captions, instances=test.instances,
-        cf_images=cf.read_table("cf_eval_images"), cf_captions=cf.read_table("cf_eval_captions"),
-        pairs=list(pairs.select("anchor", "companion").iter_rows()),
-    )
+    test_eval = EvalSet.of(test, cf)
     return Demo(Path(base.path("checkpoint")) if base else None, base.materialization_id if base else "", cf.materialization_id, train, test_eval,
                 cf.read_table("cf_train_images"), cf.read_table("cf_train_captions"))
 

@@ -29,6 +29,8 @@ import torch
 from torch import Tensor
 
 from spur_assets.core import retrieval_metrics as rm
+from spur_assets.core.artifacts import ArtifactRef
+from spur_assets.core.batch_union import SplitTables
 from spur_assets.core.counterfactuals import pair_name
 from spur_assets.core.report import check_report_shape, verdict, write_report
 from spur_assets.core.vocabulary import mentioned_categories
@@ -75,6 +77,16 @@ class EvalSet:
     cf_images: pl.DataFrame
     cf_captions: pl.DataFrame
     pairs: list[tuple[str, str]]
+
+    @classmethod
+    def of(cls, test: SplitTables, synthetic_counterfactuals: ArtifactRef) -> EvalSet:
+        """The test split with the eval counterfactuals and flagged pairs of a synthetic_counterfactuals output."""
+        cf = synthetic_counterfactuals
+        return cls(
+            images=test.images, captions=test.captions, instances=test.instances,
+            cf_images=cf.read_table("cf_eval_images"), cf_captions=cf.read_table("cf_eval_captions"),
+            pairs=list(cf.read_table("cf_pairs").select("anchor", "companion").iter_rows()),
+        )
 
 
 @dataclass

@@ -61,16 +61,7 @@ def metric_report(
     finetuned_checkpoint: ArtifactRef,
 ) -> dg.Output:
     device = resolve_device(settings.device)
-    test = batches_split(raw_pairs, "test")
-    pairs = synthetic_counterfactuals.read_table("cf_pairs")
-    eval_set = EvalSet(
-        images=test.images,
-        captions=test.captions,
-        instances=test.instances,
-        cf_images=synthetic_counterfactuals.read_table("cf_eval_images"),
-        cf_captions=synthetic_counterfactuals.read_table("cf_eval_captions"),
-        pairs=list(pairs.select("anchor", "companion").iter_rows()),
-    )
+    eval_set = EvalSet.of(batches_split(raw_pairs, "test"), synthetic_counterfactuals)
     checkpoints = {"base": base_checkpoint, "finetuned": finetuned_checkpoint}
     inputs = upstream_refs(raw_pairs, synthetic_counterfactuals, *checkpoints.values())
     with recorded_materialization(context, settings, config, inputs=inputs, device=str(device)) as session:
