@@ -20,6 +20,7 @@ import argparse
 import json
 import platform
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -32,8 +33,8 @@ from spur_assets.core.clip_model import load_checkpoint, load_images_uint8, proc
 from spur_assets.core.evaluation import EvalSet, evaluate_checkpoint
 from spur_assets.core.finetune_data import assemble_finetune_set
 from spur_assets.core.lineage import LineageStore
-from spur_assets.core.training import TrainConfig, train_clip
-from spur_assets.pipeline.model_assets import FinetunedCheckpointConfig, finetune_lr
+from spur_assets.core.training import train_clip
+from spur_assets.pipeline.model_assets import FinetunedCheckpointConfig, finetune_recipe
 
 # Each arm: which counterfactuals (assemble_finetune_set) and which loss (TrainConfig). Arms 1-5
 # keep the loss they were measured with (bench/ABLATION.md); arm 6 is the pipeline default since
@@ -88,7 +89,7 @@ def main() -> None:
     eval_set = EvalSet.of(test, cf)
     overrides = {"epochs": args.epochs, "counterfactual_ratio": args.ratio, "lr": args.lr}
     defaults = FinetunedCheckpointConfig(**{k: v for k, v in overrides.items() if v})
-    defaults = defaults.model_copy(update={"lr": finetune_lr(defaults, base_model="")})  # the built-in base's rate
+    recipe = finetune_recipe(defaults, base_model="")  # the built-in base's recipe, with the overrides
     base_metrics = headline(evaluate_checkpoint(load_checkpoint(base.path("checkpoint")), eval_set).metrics)
     print("base", base_metrics, flush=True)
     chosen = [list(ARMS)[int(i) - 1] for i in args.arms.split(",")] if args.arms else list(ARMS)
@@ -106,9 +107,7 @@ def main() -> None:
             started = time.monotonic()
             train_clip(
                 bundle, images, fs.captions, torch.tensor(fs.caption_image),
-                TrainConfig(epochs=defaults.epochs, batch_size=defaults.batch_size, lr=defaults.lr,
-                            warmup_steps=defaults.warmup_steps, seed=seed, captions_per_image=defaults.captions_per_image,
-                            **loss),
+                replace(recipe.train_config(seed), **loss),
                 "cpu",
                 hard_negative_text=torch.tensor(fs.hard_negative_text),
                 hard_negative_image=torch.tensor(fs.hard_negative_image),
@@ -125,7 +124,7 @@ def main() -> None:
         f"Written by `bench/ablation.py` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, "
         f"{platform.machine()} CPU, torch {torch.__version__}, {torch.get_num_threads()} threads. "
         f"Base checkpoint {base.materialization_id}, counterfactuals {cf.materialization_id}. "
-        f"Fine-tuning: the pipeline defaults ({defaults.epochs} epochs, lr {defaults.lr}, batch {defaults.batch_size}, "
+        f"Fine-tuning: the pipeline defaults ({recipe.epochs} epochs, lr {recipe.lr}, batch {recipe.batch_size}, "
         f"counterfactual ratio {defaults.counterfactual_ratio}); seeds {args.seeds}. Gains are against the base checkpoint.",
         "",
         "| arm | seeds | train images | ODmAP@10 i2t (gain) | ODmAP@10 t2i (gain) | HR@10 | R@5 i2t (change) | R@5 t2i (change) | Δ_ctrl | fine-tune s |",

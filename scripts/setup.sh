@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Create or refresh .venv with the pinned dependencies. Idempotent: a stamp of
-# pyproject.toml + constraints.txt skips the install when nothing changed.
+# pyproject.toml + constraints.txt (+ which extras) skips the install when nothing changed.
 #   SPUR_PYTHON   interpreter to build the venv from (default: python3.11, else python3)
 #   SPUR_TORCH    pip arguments for torch (default: torch==2.13.0); see README "GPU"
+#   SPUR_EXTRAS   pip extras to install beside the package: "test" for the test suite
+#                 (scripts/test.sh sets it); empty (the demo) installs only what the pipeline runs on
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,13 +17,18 @@ if ! "$PY" -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else 1)
   exit 1
 fi
 
+extras="${SPUR_EXTRAS:-}"
+target="."
+[ -n "$extras" ] && target=".[$extras]"
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 stamp="$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1) ${SPUR_TORCH:-default}"
-if [ "$(cat .venv/.spur-stamp 2>/dev/null || true)" != "$stamp" ]; then
-  echo "[setup] installing pinned dependencies into .venv (first time: about 2 minutes)"
+have="$(cat .venv/.spur-stamp 2>/dev/null || true)"
+# A venv set up with the test extras serves the demo too; the other way round it needs them added.
+if [ "$have" != "$stamp [$extras]" ] && { [ -n "$extras" ] || [ "${have% \[*}" != "$stamp" ]; }; then
+  echo "[setup] installing pinned dependencies into .venv${extras:+ (with the $extras extras)} (first time: 1-2 minutes)"
   # torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
   # shellcheck disable=SC2086
   .venv/bin/pip install --quiet --disable-pip-version-check ${SPUR_TORCH:-torch==2.13.0}
-  .venv/bin/pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test]"
-  echo "$stamp" > .venv/.spur-stamp
+  .venv/bin/pip install --quiet --disable-pip-version-check -c constraints.txt -e "$target"
+  echo "$stamp [$extras]" > .venv/.spur-stamp
 fi

@@ -3,6 +3,6 @@
 # Extra arguments go to pytest (e.g. -m "not slow" for the fast ones only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+SPUR_EXTRAS=test bash scripts/setup.sh
 bash scripts/system-packages.sh
 exec .venv/bin/python -m pytest -n 2 --dist loadfile "$@"

@@ -24,6 +24,7 @@ from dagster_pipes import PipesContext, PipesEnvVarParamsLoader, open_dagster_pi
 
 from spur_assets.core.clip_model import load_checkpoint, save_checkpoint
 from spur_assets.core.distributed import close_data_parallel, init_data_parallel
+from spur_assets.core.image_stream import source_length
 from spur_assets.core.training import train_clip
 from spur_assets.core.training_job import read_training_job, read_training_result, write_training_result
 
@@ -68,12 +69,12 @@ def main(argv: list[str] | None = None) -> int:
 
         if group.is_main:
             log(f"torchrun: {group.world_size} process(es), backend {group.backend}, rank 0 on {device}; "
-                f"{job.images_uint8.shape[0]} images, {len(job.captions)} captions")
+                f"{source_length(job.images)} images, {len(job.captions)} captions")
         bundle = load_checkpoint(job.base_checkpoint, device="cpu")
         started = time.perf_counter()
         history = train_clip(
             bundle,
-            job.images_uint8,
+            job.images,
             job.captions,
             job.caption_image,
             job.config,
@@ -83,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             checkpoint_dir=job.resume_dir,
             progress=(lambda event: log(_progress_line(event))) if group.is_main else None,
             data_parallel=group,
+            workers=job.loader_workers,
         )
         train_seconds = time.perf_counter() - started
         if group.is_main:

@@ -103,7 +103,7 @@ def test_training_job_round_trips_through_its_folder(tmp_path):
     job = TrainingJob(images, captions, caption_image, hard_text, None, config, tmp_path / "base", tmp_path / "out",
                       None, device="cpu", dist_backend="gloo")
     back = read_training_job(write_training_job(tmp_path / "job", job))
-    assert torch.equal(back.images_uint8, images) and back.images_uint8.dtype == torch.uint8
+    assert torch.equal(back.images, images) and back.images.dtype == torch.uint8
     assert torch.equal(back.caption_image, caption_image) and torch.equal(back.hard_negative_text, hard_text)
     assert back.hard_negative_image is None and back.resume_dir is None
     assert back.captions == captions and back.config == config
@@ -134,7 +134,7 @@ bundle = load_checkpoint(job.base_checkpoint)
 towers = data_parallel_towers(bundle.model, device)
 tokens = bundle.tokenizer(job.captions, padding="max_length", truncation=True, max_length=8, return_tensors="pt")
 text_id = torch.tensor([sorted(set(job.captions)).index(c) for c in job.captions])
-loss = _batch_loss(bundle, job.images_uint8, tokens["input_ids"], tokens["attention_mask"], text_id, job.caption_image,
+loss = _batch_loss(bundle, job.images, tokens["input_ids"], tokens["attention_mask"], text_id, job.caption_image,
                    batch, job.hard_negative_text, job.hard_negative_image, job.config, device, group, towers)
 loss.backward()
 if group.is_main:

@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from PIL import Image
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, CLIPConfig, CLIPModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
@@ -35,6 +34,8 @@ if TYPE_CHECKING:
     from transformers import CLIPImageProcessor
 
 from spur_assets.core.devices import autocast_for
+from spur_assets.core.image_stream import ImageSource, chunk_steps, source_length, stream_rows
+from spur_assets.core.preprocessing import ImagePreprocessing, decode_image_uint8, pixel_values
 
 PAD_TOKEN = "<|pad|>"
 UNK_TOKEN = "<|unk|>"
@@ -348,50 +349,32 @@ def checkpoint_sha256(path: Path) -> str:
 # --------------------------------------------------------------------------- images
 
 
-def load_image_uint8(path: str | Path, size: int) -> np.ndarray:
-    """One image file as a uint8 array [3, size, size], prepared like CLIPImageProcessor (PIL backend).
+def load_image_uint8(path: str | Path, size: int | ImagePreprocessing) -> np.ndarray:
+    """One image file as a uint8 array [3, H, W], prepared like the CLIP image processor.
 
-    Steps, matching transformers' PIL image processing: transparency (RGBA, LA, palette with
-    transparency) is composited onto white, other modes converted to RGB; the shortest side is
-    resized to `size` with the long side int(size * long / short), PIL bicubic; then a centre crop
-    of size x size with offsets (h - size) // 2, (w - size) // 2. An image already size x size is
-    left untouched.
+    `size` is an `ImagePreprocessing` (e.g. `ImagePreprocessing.of(bundle.image_processor)`) or,
+    as before, an int S meaning `ImagePreprocessing.square(S)`: transparency composited onto
+    white, bicubic shortest-side resize to S, centre crop S x S (an S x S image is left
+    untouched). See `preprocessing.decode_image_uint8`; unreadable files raise OSError naming
+    the file.
     """
-    try:
-        with Image.open(path) as opened:
-            image = opened
-            image.load()
-            if "A" in image.getbands() or image.info.get("transparency") is not None:
-                rgba = image.convert("RGBA")
-                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                image = Image.alpha_composite(background, rgba).convert("RGB")
-            else:
-                image = image.convert("RGB")
-    except (OSError, ValueError) as error:
-        raise OSError(f"load_images_uint8: cannot read image {path}: {error}; check the file or remove it from the dataset.") from error
-    width, height = image.size
-    if (width, height) != (size, size):
-        short, long = (width, height) if width <= height else (height, width)
-        new_long = int(size * long / short)
-        new_width, new_height = (size, new_long) if width <= height else (new_long, size)
-        image = image.resize((new_width, new_height), resample=Image.Resampling.BICUBIC)
-        top = (new_height - size) // 2
-        left = (new_width - size) // 2
-        image = image.crop((left, top, left + size, top + size))
-    return np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))
+    prep = size if isinstance(size, ImagePreprocessing) else ImagePreprocessing.square(size)
+    return decode_image_uint8(path, prep)
 
 
-def load_images_uint8(paths: Sequence[str | Path], size: int, workers: int = 1) -> torch.Tensor:
-    """Image files as one uint8 tensor [N, 3, size, size], in the order of `paths`.
+def load_images_uint8(paths: Sequence[str | Path], size: int | ImagePreprocessing, workers: int = 1) -> torch.Tensor:
+    """Image files as one uint8 tensor [N, 3, H, W], in the order of `paths`.
 
-    Each image is converted to RGB and resized + centre-cropped as `load_image_uint8` documents
-    (the same as CLIPImageProcessor's PIL backend for a square crop). `workers` > 1 decodes in
-    threads (PIL releases the GIL while decoding and resizing).
+    `size` is an `ImagePreprocessing` with a fixed output size, or an int S for
+    `ImagePreprocessing.square(S)` ([N, 3, S, S]); each image is prepared as `load_image_uint8`
+    documents. `workers` > 1 decodes in threads (PIL releases the GIL while decoding and resizing).
     """
-    out = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
+    prep = size if isinstance(size, ImagePreprocessing) else ImagePreprocessing.square(size)
+    height, width = prep.output_size
+    out = torch.empty((len(paths), 3, height, width), dtype=torch.uint8)
 
     def load_into(index: int) -> None:
-        out[index] = torch.from_numpy(load_image_uint8(paths[index], size))
+        out[index] = torch.from_numpy(decode_image_uint8(paths[index], prep))
 
     if workers > 1 and len(paths) > 1:
         with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -421,8 +404,8 @@ def pixel_values_from_uint8(images_uint8: torch.Tensor, image_processor: "CLIPIm
     """Model input from resized uint8 images [N, 3, S, S]: rescale and mean/std normalise as tensor ops.
 
     Equals CLIPImageProcessor's `pixel_values` for the same already-resized images (float32, on
-    the input's device). Raises ValueError when the images are not uint8 [N, 3, S, S] with S the
-    processor's crop size.
+    the input's device); `preprocessing.pixel_values` with `ImagePreprocessing.of(image_processor)`.
+    Raises ValueError when the images are not uint8 [N, 3, S, S] with S the processor's crop size.
     """
     size = processor_image_size(image_processor)
     if images_uint8.dtype != torch.uint8 or images_uint8.ndim != 4 or tuple(images_uint8.shape[1:]) != (3, size, size):
@@ -430,14 +413,7 @@ def pixel_values_from_uint8(images_uint8: torch.Tensor, image_processor: "CLIPIm
             f"pixel_values_from_uint8: expected uint8 images [N, 3, {size}, {size}], got {images_uint8.dtype} "
             f"{tuple(images_uint8.shape)}; load them with load_images_uint8(paths, size={size})."
         )
-    pixels = images_uint8.to(torch.float32)
-    if image_processor.do_rescale:
-        pixels = pixels * float(image_processor.rescale_factor)
-    if image_processor.do_normalize:
-        mean = torch.tensor(image_processor.image_mean, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
-        std = torch.tensor(image_processor.image_std, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
-        pixels = (pixels - mean) / std
-    return pixels
+    return pixel_values(images_uint8, ImagePreprocessing.of(image_processor))
 
 
 # --------------------------------------------------------------------------- embeddings
@@ -468,29 +444,36 @@ def tokenize_captions(bundle: ClipBundle, texts: Sequence[str]) -> dict[str, tor
 
 def embed_images(
     bundle: ClipBundle,
-    images_uint8: torch.Tensor,
+    images: ImageSource,
     batch_size: int = 256,
     device: torch.device | str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    workers: int = 0,
 ) -> torch.Tensor:
-    """L2-normalised image embeddings [N, D], float32 on CPU, from resized uint8 images [N, 3, S, S].
+    """L2-normalised image embeddings [N, D], float32 on CPU, in the order of the images.
 
-    Runs on `device` (default: where the model is; the model is moved there), under bf16 autocast
-    on CUDA, in eval mode without gradients. `progress(done, total)` is called after each batch.
+    `images` are prepared uint8 images [N, 3, S, S], or `ImageFiles` streamed from disk
+    `batch_size` at a time by `workers` decoding processes (0 = on this thread; see
+    core/image_stream.py). Runs on `device` (default: where the model is; the model is moved
+    there), under bf16 autocast on CUDA, in eval mode without gradients. `progress(done,
+    total)` is called after each batch.
     """
     model = bundle.model
     target = torch.device(device) if device is not None else _model_device(model)
     model.to(target).eval()
     processor_image_size(bundle.image_processor)  # fail early on a non-square processor
-    total = int(images_uint8.shape[0])
+    total = source_length(images)
+    steps = chunk_steps(total, batch_size)
     chunks: list[torch.Tensor] = []
+    done = 0
     with torch.inference_mode(), autocast_for(target):
-        for start in range(0, total, batch_size):
-            pixels = pixel_values_from_uint8(images_uint8[start : start + batch_size].to(target), bundle.image_processor)
+        for rows, batch in zip(steps, stream_rows(images, steps, target, workers), strict=True):
+            pixels = pixel_values_from_uint8(batch, bundle.image_processor)
             features = model.get_image_features(pixel_values=pixels).pooler_output
             chunks.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu())
+            done += len(rows)
             if progress is not None:
-                progress(min(start + batch_size, total), total)
+                progress(done, total)
     if not chunks:
         return torch.empty((0, model.config.projection_dim), dtype=torch.float32)
     return torch.cat(chunks)

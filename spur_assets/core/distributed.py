@@ -222,29 +222,28 @@ def data_parallel_towers(model: torch.nn.Module, device: torch.device) -> Distri
 def gathered_tower_features(
     towers: torch.nn.Module,
     group: DataParallelGroup,
-    images_uint8: torch.Tensor,
-    image_rows: torch.Tensor,
+    own_images_uint8: torch.Tensor,
+    n_images: int,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
-    text_rows: torch.Tensor,
     image_processor,
     device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features of every image in `image_rows` and every caption in `text_rows`, in that order,
-    computed a slice per rank and gathered with gradient.
+    """Features of a global batch's `n_images` images and of its captions, in order, computed a
+    slice per rank and gathered with gradient.
 
-    `image_rows` index `images_uint8`; `text_rows` index the tokenised `input_ids` /
-    `attention_mask`. Token columns are cut to the longest caption of the whole global batch,
-    as in one process. Every rank of `group` must call this with the same rows.
+    `own_images_uint8` are this rank's images: rows `padded_shard(image_rows, rank, world_size)`
+    of the step's image rows (each rank loads only its slice). `input_ids` / `attention_mask`
+    [T, L] tokenise every caption of the global batch, already cut to its longest caption, as in
+    one process. Every rank of `group` must call this for the same step.
     """
-    image_sizes = shard_sizes(int(image_rows.shape[0]), group.world_size)
-    text_sizes = shard_sizes(int(text_rows.shape[0]), group.world_size)
-    own_images = padded_shard(image_rows, group.rank, group.world_size)
-    own_texts = padded_shard(text_rows, group.rank, group.world_size)
-    pixels = pixel_values_from_uint8(images_uint8[own_images].to(device), image_processor)
-    length = int(attention_mask[text_rows].sum(dim=1).max())
-    ids = input_ids[own_texts][:, :length].to(device)
-    mask = attention_mask[own_texts][:, :length].to(device)
+    n_texts = int(input_ids.shape[0])
+    image_sizes = shard_sizes(n_images, group.world_size)
+    text_sizes = shard_sizes(n_texts, group.world_size)
+    own_texts = padded_shard(torch.arange(n_texts), group.rank, group.world_size).to(input_ids.device)
+    pixels = pixel_values_from_uint8(own_images_uint8.to(device), image_processor)
+    ids = input_ids[own_texts].to(device)
+    mask = attention_mask[own_texts].to(device)
     with autocast_for(device):
         image_features, text_features = towers(pixels, ids, mask)
     return gather_shards(image_features, image_sizes), gather_shards(text_features, text_sizes)

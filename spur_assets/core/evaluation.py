@@ -32,6 +32,7 @@ from spur_assets.core import retrieval_metrics as rm
 from spur_assets.core.artifacts import ArtifactRef
 from spur_assets.core.batch_union import SplitTables
 from spur_assets.core.counterfactuals import pair_name
+from spur_assets.core.embedding_cache import EmbeddingCache, cached_embed, file_sha256, text_key
 from spur_assets.core.report import check_report_shape, verdict, write_report
 from spur_assets.core.vocabulary import mentioned_categories
 
@@ -400,35 +401,62 @@ def embed_eval_set(
     device: torch.device | str = "cpu",
     batch_size: int = 256,
     progress: Callable[[str], None] | None = None,
-    workers: int = 1,
+    workers: int = 0,
+    cache: EmbeddingCache | None = None,
 ) -> EvalEmbeddings:
     """Encode every image and caption of the index with one checkpoint (a `clip_model.ClipBundle`).
 
-    Contract: rows follow the index; float32, L2-normalised, on CPU. Images are read
-    `batch_size * 8` at a time at the processor's input size (so memory stays bounded on
-    COCO-sized sets), with `workers` decoding threads.
+    Contract: rows follow the index; float32, L2-normalised, on CPU. Images stream from their
+    files `batch_size` at a time, prepared as the checkpoint's own image processor prepares
+    them, decoded by `workers` processes (0 = on this thread), so memory stays bounded on
+    COCO-sized sets. With `cache` (the checkpoint's `EmbeddingCache`), an image (by file
+    sha256) or caption (by text) embedded before under the same checkpoint key is read back,
+    not computed again; only the rest is embedded and then stored.
     """
-    from spur_assets.core.clip_model import embed_images, embed_texts, load_images_uint8, processor_image_size
+    from spur_assets.core.clip_model import embed_images, embed_texts
+    from spur_assets.core.image_stream import ImageFiles
+    from spur_assets.core.preprocessing import ImagePreprocessing
 
     report = progress or (lambda message: None)
-    size = processor_image_size(bundle.image_processor)
-    read_at_once = max(1, batch_size * 8)
+    preprocessing = ImagePreprocessing.of(bundle.image_processor)
+
+    def cached(namespace: str, keys: list[str], compute: Callable[[list[int]], Tensor], what: str) -> Tensor:
+        if cache is None:
+            return compute(list(range(len(keys))))
+        embeddings, stats = cached_embed(cache, namespace, keys, compute)
+        report(f"evaluation: {what}: {stats['hits']} from the embedding cache, {stats['computed']} embedded")
+        return embeddings
 
     def encode_images(paths: list[str], what: str) -> Tensor:
-        parts = []
-        for start in range(0, len(paths), read_at_once):
-            pixels = load_images_uint8(paths[start : start + read_at_once], size, workers=workers)
-            parts.append(embed_images(bundle, pixels, batch_size=batch_size, device=device))
-            report(f"evaluation: embedded {min(start + read_at_once, len(paths))}/{len(paths)} {what}")
-        if not parts:
+        if not paths:
             return torch.empty((0, bundle.model.config.projection_dim), dtype=torch.float32)
-        return torch.cat(parts)
+
+        def compute(positions: list[int]) -> Tensor:
+            files = ImageFiles.of([paths[p] for p in positions], preprocessing)
+            step = max(1, len(positions) // 10)  # about ten progress lines per pass
+
+            def tell(done: int, total: int) -> None:
+                if done == total or done // step != (done - batch_size) // step:
+                    report(f"evaluation: embedded {done}/{total} {what}")
+
+            return embed_images(bundle, files, batch_size=batch_size, device=device, progress=tell, workers=workers)
+
+        keys = [file_sha256(path) for path in paths] if cache is not None else [""] * len(paths)
+        return cached("image", keys, compute, what)
+
+    def encode_texts(texts: list[str]) -> Tensor:
+        def compute(positions: list[int]) -> Tensor:
+            return embed_texts(bundle, [texts[p] for p in positions], batch_size=batch_size, device=device)
+
+        keys = [text_key(text) for text in texts] if cache is not None else [""] * len(texts)
+        embeddings = cached("text", keys, compute, "captions")
+        report(f"evaluation: embedded {len(texts)} captions (originals and accepted edits)")
+        return embeddings
 
     images = encode_images(index.image_paths, "test images")
     removals = encode_images(index.removal_paths, "removal images")
     controls = encode_images(index.control_paths, "control images")
-    captions = embed_texts(bundle, index.caption_texts, batch_size=batch_size, device=device)
-    report(f"evaluation: embedded {len(index.caption_texts)} captions (originals and accepted edits)")
+    captions = encode_texts(index.caption_texts)
     return EvalEmbeddings(images=images, captions=captions, removals=removals, controls=controls)
 
 
@@ -672,15 +700,17 @@ def evaluate_checkpoint(
     batch_size: int = 256,
     progress: Callable[[str], None] | None = None,
     n_examples: int = 3,
-    workers: int = 1,
+    workers: int = 0,
     chunk_size: int = 1024,
     example_queries: Sequence[int] | None = None,
+    cache: EmbeddingCache | None = None,
 ) -> CheckpointEvaluation:
     """Score one checkpoint (a `clip_model.ClipBundle`) on the counterfactual eval set.
 
     Contract: `build_eval_index`, then `embed_eval_set` on `device` ("auto" allowed), then
     `evaluate_embeddings` with the embeddings on that device. `progress(message)` hears
-    about each stage. Timings (seconds) land in `.timings`.
+    about each stage. `workers` decoding processes and the embedding `cache` as
+    `embed_eval_set` documents. Timings (seconds) land in `.timings`.
     """
     from spur_assets.core.devices import resolve_device
 
@@ -694,7 +724,7 @@ def evaluate_checkpoint(
         f"{len(index.control_paths)} controls over {len(index.pairs)} pairs"
     )
     indexed = time.perf_counter()
-    emb = embed_eval_set(bundle, index, device=target, batch_size=batch_size, progress=report, workers=workers)
+    emb = embed_eval_set(bundle, index, device=target, batch_size=batch_size, progress=report, workers=workers, cache=cache)
     embedded = time.perf_counter()
     result = evaluate_embeddings(
         index,

@@ -47,6 +47,7 @@ epoch; a different config or data raises.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -63,7 +64,8 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 
 from spur_assets.core.clip_model import ClipBundle, pixel_values_from_uint8, processor_image_size, text_max_length
 from spur_assets.core.devices import autocast_for
-from spur_assets.core.distributed import DataParallelGroup, data_parallel_towers, gathered_tower_features
+from spur_assets.core.distributed import DataParallelGroup, data_parallel_towers, gathered_tower_features, padded_shard
+from spur_assets.core.image_stream import ImageFiles, ImageSource, source_length, stream_rows
 
 STATE_FORMAT_VERSION = 1
 
@@ -92,6 +94,13 @@ class TrainConfig:
     hard_negative_weight: float = 1.0
     # Each removal image shares its batch with its source image (module docstring, paired_epoch_batches).
     paired_batches: bool = False
+    # Stop after this many optimizer steps (the schedule spans min(epochs x steps per epoch, max_steps)).
+    max_steps: int | None = None
+    # Rows per tower forward inside a step; smaller than the step means cached-gradient accumulation
+    # (train_clip: the full-batch loss and gradient in a fraction of the memory). None = whole step.
+    micro_batch_size: int | None = None
+    # Freeze both towers' embeddings and their lowest N transformer layers (0 = train everything).
+    freeze_layers: int = 0
 
     def __post_init__(self) -> None:
         if self.epochs < 0:
@@ -102,6 +111,12 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.captions_per_image={self.captions_per_image} must be >= 1 or None (all).")
         if not self.hard_negative_weight > 0 or not math.isfinite(self.hard_negative_weight):
             raise ValueError(f"TrainConfig.hard_negative_weight={self.hard_negative_weight} must be a finite number > 0 (1 = unweighted).")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"TrainConfig.max_steps={self.max_steps} must be >= 1 or None (no limit).")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ValueError(f"TrainConfig.micro_batch_size={self.micro_batch_size} must be >= 1 or None (whole step).")
+        if self.freeze_layers < 0:
+            raise ValueError(f"TrainConfig.freeze_layers={self.freeze_layers} must be >= 0.")
         if self.lr <= 0 or self.warmup_steps < 0 or self.max_logit_scale <= 1:
             raise ValueError(
                 f"TrainConfig: lr={self.lr} must be > 0, warmup_steps={self.warmup_steps} >= 0, "
@@ -364,7 +379,7 @@ def paired_epoch_batches(
 
 def train_clip(
     bundle: ClipBundle,
-    images_uint8: torch.Tensor,
+    images: ImageSource,
     captions: Sequence[str],
     caption_image: torch.Tensor,
     config: TrainConfig,
@@ -374,24 +389,30 @@ def train_clip(
     checkpoint_dir: Path | None = None,
     progress: Callable[[dict], None] | None = None,
     data_parallel: DataParallelGroup | None = None,
+    workers: int = 0,
 ) -> list[dict]:
     """Train `bundle.model` in place with CLIP's contrastive loss; return the per-epoch history.
 
-    `images_uint8` [N, 3, S, S] are resized images (S = the processor's crop size);
-    `captions[c]` describes image `caption_image[c]` (int64 [C]). Hard negatives (int64, -1 =
-    none): `hard_negative_text` [N] caption index per image, `hard_negative_image` [C] image
-    index per caption; see the module docstring. AdamW (no decay on biases, norms, embeddings
-    and logit_scale), linear warmup then cosine decay to 0, gradient clipping, logit_scale
-    clamped to [0, log(max_logit_scale)]. On CPU two runs with the same seed give identical
-    weights. A non-finite loss raises FloatingPointError naming epoch and step. With
-    `checkpoint_dir`, state is saved after every epoch and a repeated call resumes from the
-    last complete epoch. `progress` receives {epoch, step, steps_in_epoch, loss, lr,
-    pairs_per_second} every `log_every_steps` steps. History rows: {epoch, loss, seconds,
-    pairs, lr, logit_scale} (epoch counted from 1). The model is left in eval mode on `device`.
-    With `data_parallel` (this process's rank in an initialised torch.distributed group; every
-    rank calls with the same arguments and `device` its own) the global batch is `batch_size`
-    across all ranks, the model is wrapped in DistributedDataParallel, every rank returns the
-    same history and ends with the same weights, and only rank 0 writes `checkpoint_dir`.
+    `images` is an image source (core/image_stream.py): a uint8 tensor [N, 3, S, S] of
+    prepared images, or `ImageFiles` streamed from disk by `workers` decoding processes
+    (0 = on this thread), S being the processor's crop size. `captions[c]` describes image
+    `caption_image[c]` (int64 [C]). Hard negatives (int64, -1 = none): `hard_negative_text`
+    [N] caption index per image, `hard_negative_image` [C] image index per caption; see the
+    module docstring. AdamW (no decay on biases, norms, embeddings and logit_scale), linear
+    warmup then cosine decay to 0 over min(epochs x steps per epoch, max_steps), gradient
+    clipping, logit_scale clamped to [0, log(max_logit_scale)]. `freeze_layers` and
+    `micro_batch_size` as TrainConfig documents; TF32 matmuls and bf16 autocast on CUDA.
+    On CPU two runs with the same seed give identical weights, whatever `workers`. A
+    non-finite loss raises FloatingPointError naming epoch and step. With `checkpoint_dir`,
+    state is saved after every epoch and a repeated call resumes from the last complete
+    epoch. `progress` receives {epoch, step, steps_in_epoch, loss, lr, pairs_per_second}
+    every `log_every_steps` steps. History rows: {epoch, loss, seconds, pairs, lr,
+    logit_scale} (epoch counted from 1). The model is left in eval mode on `device`, every
+    parameter trainable again. With `data_parallel` (this process's rank in an initialised
+    torch.distributed group; every rank calls with the same arguments and `device` its own)
+    the global batch is `batch_size` across all ranks, each rank loads only its slice of
+    each step's images, the model is wrapped in DistributedDataParallel, every rank returns
+    the same history and ends with the same weights, and only rank 0 writes `checkpoint_dir`.
     """
     device = torch.device(device)
     model = bundle.model
@@ -399,25 +420,30 @@ def train_clip(
         hard_negative_text = torch.as_tensor(hard_negative_text, dtype=torch.long).cpu()
     if hard_negative_image is not None:
         hard_negative_image = torch.as_tensor(hard_negative_image, dtype=torch.long).cpu()
-    caption_image = _validate_inputs(bundle, images_uint8, captions, caption_image, hard_negative_text, hard_negative_image)
-    tokens = bundle.tokenizer(
-        [str(c) for c in captions], padding="max_length", truncation=True, max_length=text_max_length(bundle), return_tensors="pt"
-    )
-    input_ids, attention_mask = tokens["input_ids"], tokens["attention_mask"]
+    caption_image = _validate_inputs(bundle, images, captions, caption_image, hard_negative_text, hard_negative_image)
+    if data_parallel is not None and config.micro_batch_size is not None:
+        raise ValueError(
+            "train_clip: micro_batch_size (cached-gradient accumulation) runs in one process; with data_parallel "
+            "set it to None and raise the number of processes, or lower batch_size."
+        )
+    captions = [str(c) for c in captions]
     text_id = _text_ids(captions)
     links = None
     if config.paired_batches or config.hard_negative_weight != 1.0:
-        links = hard_negative_links(caption_image, int(images_uint8.shape[0]), hard_negative_text, hard_negative_image)
+        links = hard_negative_links(caption_image, source_length(images), hard_negative_text, hard_negative_image)
 
     steps_per_epoch = len(_epoch_batches_for(config, caption_image, links, 0))
     total_steps = max(1, steps_per_epoch * config.epochs)
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
     model.to(device)
+    frozen = freeze_lower_layers(model, config.freeze_layers)
     optimizer = _make_optimizer(model, config)
     towers = None if data_parallel is None else data_parallel_towers(model, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(config.warmup_steps, total_steps))
 
     hn_text, hn_image = hard_negative_text, hard_negative_image
-    fingerprint = "" if checkpoint_dir is None else _fingerprint(config, images_uint8, captions, caption_image, hn_text, hn_image)
+    fingerprint = "" if checkpoint_dir is None else _fingerprint(config, images, captions, caption_image, hn_text, hn_image)
     previous_deterministic = torch.are_deterministic_algorithms_enabled()
     previous_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     # CUDA kernels are not all deterministic; there we only warn, and promise identity on CPU.
@@ -426,39 +452,96 @@ def train_clip(
     cuda_devices = []
     if device.type == "cuda":
         cuda_devices = [torch.cuda.current_device() if device.index is None else device.index]
-    with torch.random.fork_rng(devices=cuda_devices):
+    data = _TrainingData(images, captions, caption_image, text_id, hn_text, hn_image, links, workers)
+    with torch.random.fork_rng(devices=cuda_devices), tf32_matmuls(device):
         torch.manual_seed(config.seed)
         try:
             history = _run_epochs(
-                bundle, images_uint8, input_ids, attention_mask, text_id, caption_image, hn_text, hn_image,
-                config, device, optimizer, scheduler, fingerprint, checkpoint_dir, progress,
-                data_parallel, towers, links,
+                bundle, data, config, device, optimizer, scheduler, total_steps, fingerprint, checkpoint_dir,
+                progress, data_parallel, towers,
             )
         finally:
             torch.use_deterministic_algorithms(previous_deterministic, warn_only=previous_warn_only)
+            for parameter in frozen:
+                parameter.requires_grad_(True)
             model.eval()
     return history
 
 
+@contextlib.contextmanager
+def tf32_matmuls(device: torch.device):
+    """TF32 tensor-core matmuls and convolutions on CUDA for the duration (the flags are restored after).
+
+    Ampere and newer GPUs run float32 matmuls several times faster in TF32 (10-bit mantissa);
+    contrastive training is insensitive to it, and bf16 autocast covers most of the forward
+    anyway. A no-op elsewhere.
+    """
+    if device.type != "cuda":
+        yield
+        return
+    previous = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
+
+
+def freeze_lower_layers(model: torch.nn.Module, n_layers: int) -> list[torch.nn.Parameter]:
+    """Stop gradients to both towers' embeddings and their lowest `n_layers` transformer layers.
+
+    Returns the parameters frozen here (those that were trainable), so the caller can thaw
+    them. 0 freezes nothing. Raises ValueError when `n_layers` exceeds a tower's depth.
+    """
+    if n_layers <= 0:
+        return []
+    frozen: list[torch.nn.Parameter] = []
+    for tower_name in ("text_model", "vision_model"):
+        tower = getattr(model, tower_name)
+        layers = tower.encoder.layers
+        if n_layers > len(layers):
+            raise ValueError(
+                f"freeze_layers={n_layers} exceeds the {tower_name}'s {len(layers)} layers; freeze at most {len(layers)}."
+            )
+        modules = [tower.embeddings, *layers[:n_layers]]
+        if getattr(tower, "pre_layrnorm", None) is not None:  # the vision tower's norm before layer 0
+            modules.append(tower.pre_layrnorm)
+        for module in modules:
+            for parameter in module.parameters():
+                if parameter.requires_grad:
+                    parameter.requires_grad_(False)
+                    frozen.append(parameter)
+    return frozen
+
+
+@dataclass(frozen=True)
+class _TrainingData:
+    """What every step of a training run reads from: the image source and the caption side."""
+
+    images: ImageSource
+    captions: list[str]
+    caption_image: torch.Tensor
+    text_id: torch.Tensor
+    hn_text: torch.Tensor | None
+    hn_image: torch.Tensor | None
+    links: HardNegativeLinks | None
+    workers: int
+
+
 def _run_epochs(
     bundle: ClipBundle,
-    images_uint8: torch.Tensor,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    text_id: torch.Tensor,
-    caption_image: torch.Tensor,
-    hn_text: torch.Tensor | None,
-    hn_image: torch.Tensor | None,
+    data: _TrainingData,
     config: TrainConfig,
     device: torch.device,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LambdaLR,
+    total_steps: int,
     fingerprint: str,
     checkpoint_dir: Path | None,
     progress: Callable[[dict], None] | None,
     data_parallel: DataParallelGroup | None = None,
     towers: torch.nn.Module | None = None,
-    links: HardNegativeLinks | None = None,
 ) -> list[dict]:
     model = bundle.model
     history: list[dict] = []
@@ -467,31 +550,45 @@ def _run_epochs(
         resumed = _load_latest_state(Path(checkpoint_dir), fingerprint, model, optimizer, scheduler, device)
         if resumed is not None:
             start_epoch, history = resumed
+    max_length = text_max_length(bundle)
     for epoch in range(start_epoch, config.epochs):
+        if scheduler.last_epoch >= total_steps:
+            break  # max_steps reached in an earlier epoch
         model.train()
         started = time.perf_counter()
-        batches = _epoch_batches_for(config, caption_image, links, epoch)
+        batches = _epoch_batches_for(config, data.caption_image, data.links, epoch)
+        batches = batches[: total_steps - scheduler.last_epoch]
+        plans = [_plan_step(data, batch, config) for batch in batches]
+        step_images = stream_rows(
+            data.images, [_rows_to_load(plan, data_parallel) for plan in plans], device, data.workers
+        )
         loss_sum, pairs_done, window_pairs, window_started = 0.0, 0, 0, time.perf_counter()
-        for step, batch_captions in enumerate(batches):
-            loss = _batch_loss(
-                bundle, images_uint8, input_ids, attention_mask, text_id, caption_image,
-                batch_captions, hn_text, hn_image, config, device, data_parallel, towers, links,
+        for step, (plan, images_uint8) in enumerate(zip(plans, step_images, strict=True)):
+            tokens = bundle.tokenizer(
+                [data.captions[c] for c in plan.all_texts.tolist()],
+                padding="max_length", truncation=True, max_length=max_length, return_tensors="pt",
             )
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"train_clip: loss is {loss.item()} at epoch {epoch + 1} step {step + 1} of {len(batches)} "
-                    f"(global step {scheduler.last_epoch + 1}, lr {scheduler.get_last_lr()[0]:.3g}); "
-                    "training stopped. Lower TrainConfig.lr or check the weights and images for NaN/inf."
-                )
+
+            def check(loss: torch.Tensor, step: int = step) -> None:
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"train_clip: loss is {loss.item()} at epoch {epoch + 1} step {step + 1} of {len(batches)} "
+                        f"(global step {scheduler.last_epoch + 1}, lr {scheduler.get_last_lr()[0]:.3g}); "
+                        "training stopped. Lower TrainConfig.lr or check the weights and images for NaN/inf."
+                    )
+
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = _step_loss(
+                bundle, plan, images_uint8, tokens["input_ids"], tokens["attention_mask"], data, config, device,
+                data_parallel, towers, backward=check,
+            )
             if config.grad_clip_norm is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
             optimizer.step()
             scheduler.step()
             with torch.no_grad():
                 model.logit_scale.clamp_(0.0, math.log(config.max_logit_scale))
-            batch_pairs = int(batch_captions.shape[0])
+            batch_pairs = int(plan.batch_captions.shape[0])
             loss_sum += loss.item() * batch_pairs
             pairs_done += batch_pairs
             window_pairs += batch_pairs
@@ -528,6 +625,56 @@ def _epoch_batches_for(
     return epoch_batches(caption_image, config.batch_size, config.captions_per_image, config.seed, epoch)
 
 
+@dataclass(frozen=True)
+class _StepPlan:
+    """The rows one training step touches: its pairs, then the extra hard negatives it brings."""
+
+    batch_captions: torch.Tensor
+    batch_images: torch.Tensor
+    extra_texts: torch.Tensor
+    extra_images: torch.Tensor
+    extended: bool  # every b-caption is a hard-negative text (paired batches or a hard-negative weight)
+
+    @property
+    def all_images(self) -> torch.Tensor:
+        return torch.cat([self.batch_images, self.extra_images])
+
+    @property
+    def all_texts(self) -> torch.Tensor:
+        return torch.cat([self.batch_captions, self.extra_texts])
+
+
+def _plan_step(data: _TrainingData, batch_captions: torch.Tensor, config: TrainConfig) -> _StepPlan:
+    caption_image, links, hn_text, hn_image = data.caption_image, data.links, data.hn_text, data.hn_image
+    batch_images = caption_image[batch_captions]
+    # Paired batches and the hard-negative weight take every b-caption as a hard-negative text;
+    # with both off the loss is the original one (only hard_negative_text's caption).
+    extended = config.paired_batches or config.hard_negative_weight != 1.0
+    extra_texts = torch.empty(0, dtype=torch.long)
+    if extended:
+        b_captions = [c for i in batch_images.tolist() for c in links.b_captions_of_removal.get(i, [])]
+        extra_texts = torch.unique(torch.tensor(b_captions, dtype=torch.long))
+        extra_texts = extra_texts[~torch.isin(extra_texts, batch_captions)]
+    elif hn_text is not None:
+        extra_texts = hn_text[batch_images]
+        extra_texts = torch.unique(extra_texts[extra_texts >= 0])
+        extra_texts = extra_texts[~torch.isin(extra_texts, batch_captions)]
+    extra_images = torch.empty(0, dtype=torch.long)
+    if hn_image is not None:
+        extra_images = hn_image[batch_captions]
+        extra_images = torch.unique(extra_images[extra_images >= 0])
+        # An extra image that is in the batch is already a column there (and is its own caption's positive).
+        extra_images = extra_images[~torch.isin(extra_images, batch_images)]
+    return _StepPlan(batch_captions, batch_images, extra_texts, extra_images, extended)
+
+
+def _rows_to_load(plan: _StepPlan, data_parallel: DataParallelGroup | None) -> torch.Tensor:
+    """The image rows this process embeds for a step: all of them, or its rank's slice."""
+    if data_parallel is None:
+        return plan.all_images
+    return padded_shard(plan.all_images, data_parallel.rank, data_parallel.world_size)
+
+
 def _batch_loss(
     bundle: ClipBundle,
     images_uint8: torch.Tensor,
@@ -544,48 +691,148 @@ def _batch_loss(
     towers: torch.nn.Module | None = None,
     links: HardNegativeLinks | None = None,
 ) -> torch.Tensor:
-    model = bundle.model
-    batch_images = caption_image[batch_captions]
-    # Paired batches and the hard-negative weight take every b-caption as a hard-negative text;
-    # with both off the loss is the original one (only hard_negative_text's caption).
-    extended = config.paired_batches or config.hard_negative_weight != 1.0
-    if extended and links is None:
+    """The loss of one batch from whole in-memory arrays (the training loop streams instead; same numbers).
+
+    `images_uint8` [N, 3, S, S] and the tokenised captions `input_ids` / `attention_mask` [C, L]
+    hold every row; the step's rows are taken from them. No backward pass is run.
+    """
+    if (config.paired_batches or config.hard_negative_weight != 1.0) and links is None:
         links = hard_negative_links(caption_image, int(images_uint8.shape[0]), hn_text, hn_image)
+    data = _TrainingData(images_uint8, [], caption_image, text_id, hn_text, hn_image, links, 0)
+    plan = _plan_step(data, batch_captions, config)
+    rows = _rows_to_load(plan, data_parallel)
+    return _step_loss(
+        bundle, plan, images_uint8[rows].to(device), input_ids[plan.all_texts], attention_mask[plan.all_texts],
+        data, config, device, data_parallel, towers,
+    )
 
-    extra_texts = torch.empty(0, dtype=torch.long)
-    if extended:
-        b_captions = [c for i in batch_images.tolist() for c in links.b_captions_of_removal.get(i, [])]
-        extra_texts = torch.unique(torch.tensor(b_captions, dtype=torch.long))
-        extra_texts = extra_texts[~torch.isin(extra_texts, batch_captions)]
-    elif hn_text is not None:
-        extra_texts = hn_text[batch_images]
-        extra_texts = torch.unique(extra_texts[extra_texts >= 0])
-        extra_texts = extra_texts[~torch.isin(extra_texts, batch_captions)]
-    extra_images = torch.empty(0, dtype=torch.long)
-    if hn_image is not None:
-        extra_images = hn_image[batch_captions]
-        extra_images = torch.unique(extra_images[extra_images >= 0])
-        # An extra image that is in the batch is already a column there (and is its own caption's positive).
-        extra_images = extra_images[~torch.isin(extra_images, batch_images)]
 
-    all_images = torch.cat([batch_images, extra_images])
-    all_texts = torch.cat([batch_captions, extra_texts])
+def _step_loss(
+    bundle: ClipBundle,
+    plan: _StepPlan,
+    images_uint8: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    data: _TrainingData,
+    config: TrainConfig,
+    device: torch.device,
+    data_parallel: DataParallelGroup | None = None,
+    towers: torch.nn.Module | None = None,
+    backward: Callable[[torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """The loss of one planned step; with `backward` (a finiteness check) also its backward pass.
+
+    `images_uint8` are the step's images (rows `_rows_to_load(plan)`, on `device`), `input_ids`
+    / `attention_mask` the tokens of `plan.all_texts` [T, L]. With `backward`, the loss is
+    checked by it, then back-propagated (through cached features in micro-batches when
+    `config.micro_batch_size` is smaller than the step) and returned detached.
+    """
+    model = bundle.model
+    length = int(attention_mask.sum(dim=1).max())  # drop all-padding columns; pooling is on the eos token
+    ids, mask = input_ids[:, :length].to(device), attention_mask[:, :length].to(device)
+    micro = config.micro_batch_size
+    if backward is not None and micro is not None and micro < max(int(images_uint8.shape[0]), int(ids.shape[0])):
+        return _micro_batched_step(bundle, plan, images_uint8, ids, mask, data, config, device, micro, backward)
     if data_parallel is not None and towers is not None:
         # Each rank embeds a slice; the gathered features are the whole global batch, in this order.
         image_features, text_features = gathered_tower_features(
-            towers, data_parallel, images_uint8, all_images, input_ids, attention_mask, all_texts,
-            bundle.image_processor, device,
+            towers, data_parallel, images_uint8, int(plan.all_images.shape[0]), ids, mask, bundle.image_processor, device,
         )
     else:
-        pixels = pixel_values_from_uint8(images_uint8[all_images].to(device), bundle.image_processor)
-        ids = input_ids[all_texts]
-        mask = attention_mask[all_texts]
-        length = int(mask.sum(dim=1).max())  # drop all-padding columns; pooling is on the eos token
-        ids, mask = ids[:, :length].to(device), mask[:, :length].to(device)
-
+        pixels = pixel_values_from_uint8(images_uint8, bundle.image_processor)
         with autocast_for(device):
             image_features = model.get_image_features(pixel_values=pixels).pooler_output
             text_features = model.get_text_features(input_ids=ids, attention_mask=mask).pooler_output
+    loss = _loss_of_features(bundle, plan, image_features, text_features, data, config, device)
+    if backward is not None:
+        backward(loss)
+        loss.backward()
+        return loss.detach()
+    return loss
+
+
+def _micro_batched_step(
+    bundle: ClipBundle,
+    plan: _StepPlan,
+    images_uint8: torch.Tensor,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    data: _TrainingData,
+    config: TrainConfig,
+    device: torch.device,
+    micro: int,
+    check: Callable[[torch.Tensor], None],
+) -> torch.Tensor:
+    """Forward and backward of one step `micro` rows at a time, with the full-batch gradient.
+
+    Cached-gradient accumulation (GradCache, Gao et al. 2021; open_clip's --accum-freq does the
+    same): embed every row without a graph, take the full-batch loss and its gradient with
+    respect to the features, then re-embed each micro-batch with a graph and back-propagate
+    that gradient. Plain accumulation of micro-batch losses would shrink the set of negatives
+    each row sees, i.e. change the loss; this keeps it, for one extra forward pass. The RNG
+    state is replayed per micro-batch so dropout (if a config has any) matches.
+    """
+    model = bundle.model
+    image_chunks = torch.arange(int(images_uint8.shape[0])).split(micro)
+    text_chunks = torch.arange(int(ids.shape[0])).split(micro)
+
+    def embed_images(rows: torch.Tensor) -> torch.Tensor:
+        pixels = pixel_values_from_uint8(images_uint8[rows.to(images_uint8.device)], bundle.image_processor)
+        with autocast_for(device):
+            return model.get_image_features(pixel_values=pixels).pooler_output
+
+    def embed_texts(rows: torch.Tensor) -> torch.Tensor:
+        rows = rows.to(ids.device)
+        with autocast_for(device):
+            return model.get_text_features(input_ids=ids[rows], attention_mask=mask[rows]).pooler_output
+
+    states: list[tuple] = []
+    with torch.no_grad():
+        image_parts, text_parts = [], []
+        for rows in image_chunks:
+            states.append(_rng_state(device))
+            image_parts.append(embed_images(rows))
+        for rows in text_chunks:
+            states.append(_rng_state(device))
+            text_parts.append(embed_texts(rows))
+    image_features = torch.cat(image_parts).requires_grad_(True)
+    text_features = torch.cat(text_parts).requires_grad_(True)
+    loss = _loss_of_features(bundle, plan, image_features, text_features, data, config, device)
+    check(loss)
+    loss.backward()  # the features' gradients, and logit_scale's
+    replay = iter(states)
+    for rows in image_chunks:
+        _set_rng_state(next(replay), device)
+        embed_images(rows).backward(image_features.grad[rows.to(image_features.device)])
+    for rows in text_chunks:
+        _set_rng_state(next(replay), device)
+        embed_texts(rows).backward(text_features.grad[rows.to(text_features.device)])
+    return loss.detach()
+
+
+def _rng_state(device: torch.device) -> tuple:
+    return (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def _set_rng_state(state: tuple, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def _loss_of_features(
+    bundle: ClipBundle,
+    plan: _StepPlan,
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    data: _TrainingData,
+    config: TrainConfig,
+    device: torch.device,
+) -> torch.Tensor:
+    """InfoNCE of a step from its features (rows: plan.all_images, plan.all_texts), masks and weights applied."""
+    links, caption_image, text_id = data.links, data.caption_image, data.text_id
+    batch_images, batch_captions = plan.batch_images, plan.batch_captions
+    extra_texts, extra_images = plan.extra_texts, plan.extra_images
     image_emb = F.normalize(image_features.float(), dim=-1)
     text_emb = F.normalize(text_features.float(), dim=-1)
 
@@ -595,7 +842,7 @@ def _batch_loss(
         batch_text_id = text_id[batch_captions]
         false_negatives = (batch_text_id[:, None] == batch_text_id[None, :]).to(device)
     hard_text_cells = hard_image_cells = None
-    if extended:
+    if plan.extended:
         hard_in_batch = links.is_hard(batch_images, batch_captions)  # [image row, text column]
         if config.paired_batches:
             # Inside a family (I and its I⁻ᵇ) a caption that is not a hard negative truly describes the image.
@@ -612,7 +859,7 @@ def _batch_loss(
     return contrastive_loss(
         image_emb[:batch],
         text_emb[:batch],
-        model.logit_scale,
+        bundle.model.logit_scale,
         extra_text_emb=text_emb[batch:],
         extra_image_emb=image_emb[batch:],
         false_negative_mask=false_negatives,
@@ -625,23 +872,29 @@ def _batch_loss(
 
 def _validate_inputs(
     bundle: ClipBundle,
-    images_uint8: torch.Tensor,
+    images: ImageSource,
     captions: Sequence[str],
     caption_image: torch.Tensor,
     hard_negative_text: torch.Tensor | None,
     hard_negative_image: torch.Tensor | None,
 ) -> torch.Tensor:
     size = processor_image_size(bundle.image_processor)
-    if images_uint8.dtype != torch.uint8 or images_uint8.ndim != 4 or tuple(images_uint8.shape[1:]) != (3, size, size):
+    if isinstance(images, ImageFiles):
+        if tuple(images.image_shape) != (3, size, size):
+            raise ValueError(
+                f"train_clip: ImageFiles prepare images of shape {images.image_shape} but the model's image processor "
+                f"takes (3, {size}, {size}); build them with the checkpoint's own preprocessing (ImagePreprocessing.of)."
+            )
+    elif images.dtype != torch.uint8 or images.ndim != 4 or tuple(images.shape[1:]) != (3, size, size):
         raise ValueError(
-            f"train_clip: images_uint8 must be uint8 [N, 3, {size}, {size}] (the image processor's crop size), "
-            f"got {images_uint8.dtype} {tuple(images_uint8.shape)}; load them with load_images_uint8(paths, size={size})."
+            f"train_clip: images must be ImageFiles or uint8 [N, 3, {size}, {size}] (the image processor's crop size), "
+            f"got {images.dtype} {tuple(images.shape)}; load them with load_images_uint8(paths, size={size})."
         )
-    n_images, n_captions = int(images_uint8.shape[0]), len(captions)
+    n_images, n_captions = source_length(images), len(captions)
     caption_image = torch.as_tensor(caption_image, dtype=torch.long).cpu()
     if caption_image.shape != (n_captions,):
         raise ValueError(f"train_clip: caption_image has shape {tuple(caption_image.shape)}, expected ({n_captions},), one image index per caption.")
-    _check_indices("caption_image", caption_image, n_images, "images_uint8", allow_none=False)
+    _check_indices("caption_image", caption_image, n_images, "images", allow_none=False)
     if hard_negative_text is not None:
         if tuple(hard_negative_text.shape) != (n_images,):
             raise ValueError(f"train_clip: hard_negative_text has shape {tuple(hard_negative_text.shape)}, expected ({n_images},), one caption index (or -1) per image.")
@@ -649,7 +902,7 @@ def _validate_inputs(
     if hard_negative_image is not None:
         if tuple(hard_negative_image.shape) != (n_captions,):
             raise ValueError(f"train_clip: hard_negative_image has shape {tuple(hard_negative_image.shape)}, expected ({n_captions},), one image index (or -1) per caption.")
-        _check_indices("hard_negative_image", hard_negative_image.long(), n_images, "images_uint8", allow_none=True)
+        _check_indices("hard_negative_image", hard_negative_image.long(), n_images, "images", allow_none=True)
         own = hard_negative_image.long() == caption_image
         if bool(own.any()):
             first = int(torch.nonzero(own)[0])
@@ -705,7 +958,7 @@ def _warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float
 
 def _fingerprint(
     config: TrainConfig,
-    images_uint8: torch.Tensor,
+    images: ImageSource,
     captions: Sequence[str],
     caption_image: torch.Tensor,
     hard_negative_text: torch.Tensor | None,
@@ -714,12 +967,19 @@ def _fingerprint(
     digest = hashlib.sha256()
     settings = {k: v for k, v in asdict(config).items() if k != "log_every_steps"}
     # Fields added after format 1 enter only when set, so states saved before them still resume.
-    for name, default in (("hard_negative_weight", 1.0), ("paired_batches", False)):
+    for name, default in (
+        ("hard_negative_weight", 1.0), ("paired_batches", False), ("max_steps", None),
+        ("micro_batch_size", None), ("freeze_layers", 0),
+    ):
         if settings[name] == default:
             del settings[name]
     digest.update(json.dumps(settings, sort_keys=True).encode())
-    digest.update(str(tuple(images_uint8.shape)).encode())
-    digest.update(images_uint8.contiguous().cpu().numpy().tobytes())
+    if isinstance(images, ImageFiles):
+        # Files are not read again here: paths, sizes, mtimes and the preprocessing identify them.
+        digest.update(f"files:{len(images)}:{images.fingerprint()}".encode())
+    else:
+        digest.update(str(tuple(images.shape)).encode())
+        digest.update(images.contiguous().cpu().numpy().tobytes())
     digest.update(json.dumps([str(c) for c in captions]).encode())
     for tensor in (caption_image, hard_negative_text, hard_negative_image):
         digest.update(b"none" if tensor is None else tensor.long().cpu().numpy().tobytes())

@@ -3,11 +3,14 @@
 The orchestrating process decodes the images and assembles the pairs once, writes them here,
 and starts the training processes (torchrun ranks) with the folder's path. Layout:
 
-- `tensors.safetensors`: images_uint8 [N, 3, S, S] uint8, caption_image [C] int64, and when
-  present hard_negative_text [N] / hard_negative_image [C] int64 (-1 = none);
+- `tensors.safetensors`: caption_image [C] int64, when present hard_negative_text [N] /
+  hard_negative_image [C] int64 (-1 = none), and images_uint8 [N, 3, S, S] uint8 when the
+  images are an in-memory tensor;
 - `job.json`: format_version, captions, the TrainConfig fields, base_checkpoint (a
   save_pretrained folder), output_checkpoint (where rank 0 saves the trained model),
-  resume_dir (train_clip's checkpoint_dir, or null), device and dist_backend preferences.
+  resume_dir (train_clip's checkpoint_dir, or null), device and dist_backend preferences,
+  `loader_workers`, and `image_files` ({paths, preprocessing, max_pixels}) when the images are
+  streamed from files: then every rank decodes only its own slice of each step.
 
 Results, written by rank 0 of the training run: the checkpoint at output_checkpoint and
 `result.json` here ({history, world_size, dist_backend, device, train_seconds}).
@@ -24,9 +27,11 @@ from typing import Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
+from spur_assets.core.image_stream import ImageFiles, ImageSource
+from spur_assets.core.preprocessing import ImagePreprocessing
 from spur_assets.core.training import TrainConfig
 
-JOB_FORMAT_VERSION = 1
+JOB_FORMAT_VERSION = 2  # 2: images may be files (image_files), loader_workers
 JOB_FILE = "job.json"
 TENSORS_FILE = "tensors.safetensors"
 RESULT_FILE = "result.json"
@@ -36,7 +41,7 @@ RESULT_FILE = "result.json"
 class TrainingJob:
     """What `train_clip` takes, plus where the model comes from and where it goes."""
 
-    images_uint8: torch.Tensor
+    images: ImageSource
     captions: list[str]
     caption_image: torch.Tensor
     hard_negative_text: torch.Tensor | None
@@ -47,16 +52,23 @@ class TrainingJob:
     resume_dir: Path | None
     device: str = "auto"
     dist_backend: str = "auto"
+    loader_workers: int = 0  # decoding processes per rank (train_clip's workers)
 
 
 def write_training_job(folder: Path, job: TrainingJob) -> Path:
     """Write `job` into `folder` (created; files replaced atomically); return the folder."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {
-        "images_uint8": job.images_uint8.contiguous().cpu(),
-        "caption_image": torch.as_tensor(job.caption_image, dtype=torch.long).contiguous().cpu(),
-    }
+    tensors = {"caption_image": torch.as_tensor(job.caption_image, dtype=torch.long).contiguous().cpu()}
+    image_files = None
+    if isinstance(job.images, ImageFiles):
+        image_files = {
+            "paths": list(job.images.paths),
+            "preprocessing": asdict(job.images.preprocessing),
+            "max_pixels": job.images.max_pixels,
+        }
+    else:
+        tensors["images_uint8"] = job.images.contiguous().cpu()
     for name in ("hard_negative_text", "hard_negative_image"):
         value = getattr(job, name)
         if value is not None:
@@ -70,6 +82,8 @@ def write_training_job(folder: Path, job: TrainingJob) -> Path:
         "resume_dir": None if job.resume_dir is None else str(job.resume_dir),
         "device": job.device,
         "dist_backend": job.dist_backend,
+        "loader_workers": job.loader_workers,
+        "image_files": image_files,
     }
     _replace(folder / TENSORS_FILE, lambda path: save_file(tensors, str(path)))
     _replace(folder / JOB_FILE, lambda path: path.write_text(json.dumps(description)))
@@ -98,8 +112,15 @@ def read_training_job(folder: Path) -> TrainingJob:
     if unknown:
         raise ValueError(f"read_training_job: {job_path} field config has keys {unknown} that TrainConfig does not know.")
     tensors = load_file(str(tensors_path))
+    files = description.get("image_files")
+    if files is not None:
+        images: ImageSource = ImageFiles.of(files["paths"], ImagePreprocessing(**files["preprocessing"]), files["max_pixels"])
+    elif "images_uint8" in tensors:
+        images = tensors["images_uint8"]
+    else:
+        raise ValueError(f"read_training_job: {job_path} names no image_files and {tensors_path} holds no images_uint8; rewrite the job.")
     return TrainingJob(
-        images_uint8=tensors["images_uint8"],
+        images=images,
         captions=list(description["captions"]),
         caption_image=tensors["caption_image"],
         hard_negative_text=tensors.get("hard_negative_text"),
@@ -110,6 +131,7 @@ def read_training_job(folder: Path) -> TrainingJob:
         resume_dir=None if description["resume_dir"] is None else Path(description["resume_dir"]),
         device=description["device"],
         dist_backend=description["dist_backend"],
+        loader_workers=int(description.get("loader_workers", 0)),
     )
 
 

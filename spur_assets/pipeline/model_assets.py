@@ -1,25 +1,22 @@
 """`base_checkpoint`: the model under audit, as a Hugging Face save_pretrained folder."""
 
 import shutil
-import time
+from dataclasses import asdict
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
 import dagster as dg
 import polars as pl
 import torch
 
 from spur_assets.core.artifacts import ArtifactRef
-from spur_assets.core.clip_model import (
-    load_checkpoint,
-    load_images_uint8,
-    new_small_clip,
-    processor_image_size,
-    save_checkpoint,
-)
+from spur_assets.core.clip_model import load_checkpoint, new_small_clip, save_checkpoint
 from spur_assets.core.devices import resolve_device
 from spur_assets.core.finetune_data import assemble_finetune_set
+from spur_assets.core.image_stream import ImageFiles
 from spur_assets.core.plots import loss_curve
+from spur_assets.core.preprocessing import ImagePreprocessing
+from spur_assets.core.recipes import BUILTIN_BASE_RECIPE, PRETRAINED_RECIPE, FinetuneRecipe, recipe_for_base
 from spur_assets.core.training import TrainConfig, train_clip
 from spur_assets.core.training_job import TrainingJob
 from spur_assets.pipeline.cluster import GPU_STEP_TAGS
@@ -51,7 +48,9 @@ class BaseCheckpointConfig(dg.Config):
     lr: float = 1e-3
     captions_per_image: int = 5  # captions of each image seen per epoch
     seed: int = 0
-    workers: int = 2  # image decoding threads
+    # Image decoding processes beside the training loop (0 = decode on the training thread). Images
+    # stream from their files step by step; no split is held in memory. Results do not depend on it.
+    workers: int = 1
 
 
 def write_checkpoint_outputs(session, bundle, history: list[dict], asset: str, saved: bool = False) -> None:
@@ -125,11 +124,6 @@ def base_checkpoint(
             source = settings.base_model
         else:
             train = batches_split(raw_pairs, "train")
-            started = time.monotonic()
-            images = load_images_uint8(train.images["path"].to_list(), config.image_size, workers=config.workers)
-            context.log.info(
-                f"decoded {images.shape[0]} train images at {config.image_size}px in {time.monotonic() - started:.1f} s"
-            )
             captions = train.captions.sort("caption_id")
             bundle = new_small_clip(
                 captions["caption"].to_list(),
@@ -142,6 +136,8 @@ def base_checkpoint(
                 heads=config.heads,
                 max_text_length=config.max_text_length,
             )
+            images = ImageFiles.of(train.images["path"].to_list(), ImagePreprocessing.of(bundle.image_processor))
+            context.log.info(f"training on {len(images)} train images streamed from their files ({config.workers} decoding process(es))")
             history = train_clip(
                 bundle,
                 images,
@@ -156,8 +152,9 @@ def base_checkpoint(
                 ),
                 device,
                 progress=_log_progress(context),
+                workers=config.workers,
             )
-            source = f"small CLIP trained from scratch on {images.shape[0]} images"
+            source = f"small CLIP trained from scratch on {len(images)} images"
         write_checkpoint_outputs(session, bundle, history, "base_checkpoint")
     metadata = {
         **checkpoint_metadata(session, bundle, history),
@@ -167,15 +164,23 @@ def base_checkpoint(
 
 
 class FinetunedCheckpointConfig(dg.Config):
-    """Fine-tuning on originals mixed with train counterfactuals (DESIGN.md §4 "Mitigation")."""
+    """Fine-tuning on originals mixed with train counterfactuals (DESIGN.md §4 "Mitigation").
 
-    epochs: int = 4
-    batch_size: int = 128
-    # 0 = automatic (finetune_lr): BUILTIN_BASE_FINETUNE_LR for the small CLIP trained here,
-    # PRETRAINED_FINETUNE_LR for a SPUR_BASE_MODEL. Any value > 0 is used as it is.
-    lr: float = 0.0
-    warmup_steps: int = 20
-    captions_per_image: int = 5
+    Optimisation settings left at None come from the recipe for the kind of base
+    (core/recipes.py): BUILTIN_BASE_RECIPE for the small CLIP trained here, PRETRAINED_RECIPE
+    for a SPUR_BASE_MODEL; `recipe` forces one. A value set here overrides that field only.
+    """
+
+    recipe: Literal["auto", "builtin", "pretrained"] = "auto"
+    epochs: Optional[int] = None
+    batch_size: Optional[int] = None  # global batch: the contrastive loss's negatives
+    lr: Optional[float] = None  # 0 is read as None (older run configs used 0 for "automatic")
+    warmup_steps: Optional[int] = None
+    weight_decay: Optional[float] = None
+    captions_per_image: Optional[int] = None
+    max_steps: Optional[int] = None  # cap on optimizer steps
+    micro_batch_size: Optional[int] = None  # rows per forward; the loss and gradient stay the full batch's
+    freeze_layers: Optional[int] = None  # freeze both towers' embeddings and this many lowest layers
     # share of counterfactual images among the images trained on; 0.34 kept R@5 over 3 seeds where
     # 0.5 gained more ODmAP but lost R@5 i2t on two seeds (bench/SEEDS.md)
     counterfactual_ratio: float = 0.34
@@ -190,31 +195,44 @@ class FinetunedCheckpointConfig(dg.Config):
     hard_negative_weight: float = 4.0
     paired_batches: bool = True
     seed: int = 0
-    workers: int = 2
+    # Image decoding processes per training process (0 = on the training thread); results do not depend on it.
+    workers: int = 1
     # 1 trains in this process. N > 1 runs `torchrun --nproc_per_node=N` (DDP) through the
     # pipes_subprocess resource with the same global batch_size and seed (docs/cluster.md).
     nproc_per_node: int = 1
     dist_backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: NCCL on GPUs, gloo on CPU
 
 
-# Fine-tuning learning rates when FinetunedCheckpointConfig.lr is 0.
-# The small CLIP trained from scratch on the built-in data: ten times its own training rate, picked on
-# a validation split carved from the train images (bench/RESEARCH.md section 5: 1e-3 .. 8e-3 screened,
-# 5e-3 best on 2 seeds, 8e-3 worse). Part of what it buys is plain extra training: the originals-only
-# control with the same recipe gains on t2i and R@5 too (bench/CLAIM.md).
-BUILTIN_BASE_FINETUNE_LR = 5e-3
-# A pretrained CLIP (SPUR_BASE_MODEL) would be wrecked by that rate; 1e-5 is the usual range for
-# fine-tuning CLIP. Not measured in this project (no pretrained weights can be downloaded here).
-PRETRAINED_FINETUNE_LR = 1e-5
+# Kept under these names for callers that only want the rates (the recipes hold the whole story).
+BUILTIN_BASE_FINETUNE_LR = BUILTIN_BASE_RECIPE.lr
+PRETRAINED_FINETUNE_LR = PRETRAINED_RECIPE.lr
+
+
+def finetune_recipe(config: FinetunedCheckpointConfig, base_model: str) -> FinetuneRecipe:
+    """The recipe a fine-tune runs: the one for the kind of base (or `config.recipe`), with config's overrides."""
+    if config.lr is not None and config.lr < 0:
+        raise ValueError(f"finetuned_checkpoint config lr={config.lr}: set a rate > 0, or leave it unset for the recipe's")
+    for field in ("epochs", "batch_size", "max_steps", "micro_batch_size"):
+        value = getattr(config, field)
+        if value is not None and value < 1:
+            raise ValueError(f"finetuned_checkpoint config {field}={value}: set a value >= 1, or leave it unset for the recipe's")
+    recipe = {"auto": recipe_for_base(base_model), "builtin": BUILTIN_BASE_RECIPE, "pretrained": PRETRAINED_RECIPE}[config.recipe]
+    return recipe.with_(
+        lr=config.lr or None,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        warmup_steps=config.warmup_steps,
+        weight_decay=config.weight_decay,
+        captions_per_image=config.captions_per_image,
+        max_steps=config.max_steps,
+        micro_batch_size=config.micro_batch_size,
+        freeze_layers=config.freeze_layers,
+    )
 
 
 def finetune_lr(config: FinetunedCheckpointConfig, base_model: str) -> float:
-    """The learning rate fine-tuning uses: config.lr if set, else the rate for the kind of base."""
-    if config.lr < 0:
-        raise ValueError(f"finetuned_checkpoint config lr={config.lr}: set a rate > 0, or 0 for the automatic one")
-    if config.lr > 0:
-        return config.lr
-    return PRETRAINED_FINETUNE_LR if base_model else BUILTIN_BASE_FINETUNE_LR
+    """The learning rate fine-tuning uses: config.lr if set, else the recipe's for the kind of base."""
+    return finetune_recipe(config, base_model).lr
 
 
 @dg.asset(
@@ -255,11 +273,8 @@ def finetuned_checkpoint(
         hard_negatives=config.hard_negatives,
         seed=config.seed,
     )
-    lr = finetune_lr(config, settings.base_model)
-    context.log.info(
-        f"fine-tuning set: {finetune_set.summary}; learning rate {lr:g}"
-        + ("" if config.lr > 0 else f" (automatic, {'pretrained SPUR_BASE_MODEL' if settings.base_model else 'built-in base'})")
-    )
+    recipe = finetune_recipe(config, settings.base_model)
+    context.log.info(f"fine-tuning set: {finetune_set.summary}; recipe {recipe}")
     inputs = upstream_refs(raw_pairs, base_checkpoint, synthetic_counterfactuals)
     # A killed run resumes from its last epoch: the work folder is keyed by what it trains on.
     resume_key = config_hash(
@@ -268,19 +283,9 @@ def finetuned_checkpoint(
     resume_dir = settings.home_path / "work" / "finetuned_checkpoint" / resume_key
     with recorded_materialization(context, settings, config, inputs=inputs, device=str(device)) as session:
         bundle = load_checkpoint(base_checkpoint.path("checkpoint"), device="cpu")
-        images = load_images_uint8(
-            finetune_set.image_paths, processor_image_size(bundle.image_processor), workers=config.workers
-        )
-        train_config = TrainConfig(
-            epochs=config.epochs,
-            batch_size=config.batch_size,
-            lr=lr,
-            warmup_steps=config.warmup_steps,
-            seed=config.seed,
-            captions_per_image=config.captions_per_image,
-            hard_negative_weight=config.hard_negative_weight,
-            paired_batches=config.paired_batches,
-        )
+        # Streamed from the files, prepared exactly as the base checkpoint's own image processor does.
+        images = ImageFiles.of(finetune_set.image_paths, ImagePreprocessing.of(bundle.image_processor))
+        train_config = recipe.train_config(config.seed, config.hard_negative_weight, config.paired_batches)
         caption_image = torch.tensor(finetune_set.caption_image, dtype=torch.long)
         hard_negative_text = torch.tensor(finetune_set.hard_negative_text, dtype=torch.long)
         hard_negative_image = torch.tensor(finetune_set.hard_negative_image, dtype=torch.long)
@@ -297,6 +302,7 @@ def finetuned_checkpoint(
                 hard_negative_image=hard_negative_image,
                 checkpoint_dir=resume_dir,
                 progress=_log_progress(context),
+                workers=config.workers,
             )
             write_checkpoint_outputs(session, bundle, history, "finetuned_checkpoint")
         else:
@@ -305,6 +311,7 @@ def finetuned_checkpoint(
                 images, finetune_set.captions, caption_image, hard_negative_text, hard_negative_image, train_config,
                 base_checkpoint=base_checkpoint.path("checkpoint"), output_checkpoint=session.writer.path("checkpoint"),
                 resume_dir=resume_dir, device=settings.device, dist_backend=config.dist_backend,
+                loader_workers=config.workers,
             )
             history, parallel_metadata = train_with_torchrun(
                 context, pipes_subprocess, job, resume_dir / "torchrun-job", config.nproc_per_node
@@ -316,7 +323,8 @@ def finetuned_checkpoint(
         {
             **checkpoint_metadata(session, bundle, history),
             "training_set": dg.MetadataValue.json(finetune_set.summary),
-            "learning_rate": dg.MetadataValue.float(lr),
+            "learning_rate": dg.MetadataValue.float(recipe.lr),
+            "recipe": dg.MetadataValue.json({**asdict(recipe), "base": "pretrained" if settings.base_model else "built here"}),
             **parallel_metadata,
         }
     )

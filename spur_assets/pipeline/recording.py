@@ -9,6 +9,7 @@ committed atomically, the lineage row and edges are journalled into DuckDB, and
 
 import hashlib
 import json
+import sys
 import time
 import warnings
 from contextlib import contextmanager
@@ -48,6 +49,25 @@ def upstream_refs(*inputs: ArtifactRef | Mapping[str, ArtifactRef] | None) -> li
     return refs
 
 
+def peak_memory_metadata() -> dict[str, float]:
+    """Peak resident memory so far of this process and of its largest finished child (MiB).
+
+    Under Dagster's multiprocess executor each step runs in its own process, so this is the
+    step's peak; image-decoding workers are children. Linux reports ru_maxrss in KiB. On CUDA,
+    also the step's peak GPU memory held by torch's allocator.
+    """
+    import resource
+
+    scale = 1024 if sys.platform != "darwin" else 1024 * 1024  # macOS reports bytes
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / scale
+    peaks = {"peak_rss_mb": round(own, 1), "peak_rss_largest_child_mb": round(children, 1)}
+    torch = sys.modules.get("torch")  # only when this step used torch; never imported here for it
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        peaks["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return peaks
+
+
 def _utcnow() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
 
@@ -73,6 +93,7 @@ class MaterializationSession:
             "artifact_dir": dg.MetadataValue.path(str(self.writer.final_dir)),
             "device": self.device,
             "seconds": round(time.monotonic() - self.started, 2),
+            **peak_memory_metadata(),
             "lineage_recorded": self.lineage_recorded,
             "upstream": dg.MetadataValue.json(
                 [{"asset": r.asset, "partition": r.partition, "materialization_id": r.materialization_id} for r in self.inputs]

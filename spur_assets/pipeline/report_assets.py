@@ -9,6 +9,7 @@ import polars as pl
 from spur_assets.core.artifacts import ArtifactRef
 from spur_assets.core.clip_model import load_checkpoint
 from spur_assets.core.devices import resolve_device
+from spur_assets.core.embedding_cache import EmbeddingCache
 from spur_assets.core.evaluation import EvalSet, evaluate_checkpoint
 from spur_assets.core.report import write_report
 from spur_assets.pipeline.ingest import ALL_BATCHES, batches_split
@@ -21,6 +22,35 @@ class MetricReportConfig(dg.Config):
     k: int = 10
     batch_size: int = 256
     n_examples: int = 3
+    # Image decoding processes beside the embedding loop (0 = decode on the embedding thread).
+    workers: int = 1
+    # Reuse each image's (by file sha256) and caption's embedding under a checkpoint from earlier
+    # reports (SPUR_HOME/cache/embeddings); entries are keyed by content, never expire by time.
+    embedding_cache: bool = True
+
+
+def embedding_cache_for(settings: SpurSettings, checkpoint: ArtifactRef, bundle, device) -> EmbeddingCache:
+    """The embedding cache of one checkpoint on this kind of device.
+
+    Keyed by the checkpoint folder's sha256 (its data version: weights, tokenizer, processor),
+    the preprocessing that turns files into pixels, and the arithmetic the embeddings come from
+    (bf16 autocast on CUDA, float32 elsewhere), so a cached row always equals a fresh one.
+    """
+    from spur_assets.core.devices import autocast_for
+    from spur_assets.core.preprocessing import ImagePreprocessing
+
+    arithmetic = "bf16" if type(autocast_for(device)).__name__ == "autocast" else "fp32"
+    key = "/".join((
+        checkpoint.output("checkpoint").sha256,
+        ImagePreprocessing.of(bundle.image_processor).fingerprint(),
+        arithmetic,
+        EMBEDDING_FORMAT,
+    ))
+    return EmbeddingCache(settings.home_path / "cache" / "embeddings", key)
+
+
+# Bump when the embedding code changes what it computes for the same checkpoint and file.
+EMBEDDING_FORMAT = "embed/1"
 
 
 def publish_latest(home: Path, report_dir: Path) -> Path:
@@ -69,9 +99,10 @@ def metric_report(
         for name, ref in checkpoints.items():
             context.log.info(f"scoring the {name} checkpoint ({ref.path('checkpoint')}) on {device}")
             bundle = load_checkpoint(ref.path("checkpoint"), device=device)
+            cache = embedding_cache_for(settings, ref, bundle, device) if config.embedding_cache else None
             evaluations[name] = evaluate_checkpoint(
                 bundle, eval_set, k=config.k, device=device, batch_size=config.batch_size,
-                progress=context.log.info, n_examples=config.n_examples,
+                progress=context.log.info, n_examples=config.n_examples, workers=config.workers, cache=cache,
             )
         extra = {
             "lineage": {name: ref.materialization_id for name, ref in checkpoints.items()},

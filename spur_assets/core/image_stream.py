@@ -1,0 +1,158 @@
+"""Images streamed from their files to the model: no split is ever held in memory.
+
+Training, fine-tuning and embedding take their images as an `ImageSource`: either a uint8
+tensor [N, 3, H, W] already prepared (small in-memory sets, tests) or `ImageFiles`, the
+paths of N files plus the checkpoint's own preprocessing (core/preprocessing.py). A consumer
+plans which image rows each step needs (a training batch with its hard negatives, a slice of
+an embedding pass) and `stream_rows` delivers them step by step:
+
+- with `workers` > 0, a `torch.utils.data.DataLoader` over the planned steps: worker
+  processes open, decode, resize and crop the files while the model computes the previous
+  step; `prefetch` steps per worker are decoded ahead; on CUDA the batches land in pinned
+  memory and are copied with `non_blocking=True`;
+- with `workers` = 0, the same decoding on the calling thread (no extra process).
+
+Batches travel as uint8 and are normalised on the device (`preprocessing.pixel_values`): a
+quarter of the bytes of float32 through the workers' shared memory and over PCIe, and the
+same numbers as normalising in the worker. Peak memory is bounded by the step size times
+(workers x prefetch + 1), whatever the number of images. The steps come out in plan order
+and decoding is deterministic, so results do not depend on the number of workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Union
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from spur_assets.core.preprocessing import ImagePreprocessing, decode_image_uint8
+
+DEFAULT_PREFETCH = 2  # steps decoded ahead per worker: enough to hide decode jitter, little memory
+
+
+@dataclass(frozen=True)
+class ImageFiles:
+    """N image files, prepared as one checkpoint's image processor prepares them.
+
+    Plain picklable data: DataLoader worker processes receive a copy. `max_pixels` refuses
+    files larger than that many pixels before decoding them (see preprocessing).
+    """
+
+    paths: tuple[str, ...]
+    preprocessing: ImagePreprocessing
+    max_pixels: int | None = None
+
+    @classmethod
+    def of(cls, paths: Sequence[str], preprocessing: ImagePreprocessing, max_pixels: int | None = None) -> ImageFiles:
+        """The files at `paths` (in that order) under `preprocessing`."""
+        return cls(tuple(str(p) for p in paths), preprocessing, max_pixels)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(3, H, W) of every prepared image."""
+        height, width = self.preprocessing.output_size
+        return (3, height, width)
+
+    def load(self, rows: Sequence[int]) -> torch.Tensor:
+        """The images at `rows` as one uint8 tensor [len(rows), 3, H, W], in that order."""
+        out = torch.empty((len(rows), *self.image_shape), dtype=torch.uint8)
+        for position, row in enumerate(rows):
+            out[position] = torch.from_numpy(decode_image_uint8(self.paths[int(row)], self.preprocessing, self.max_pixels))
+        return out
+
+    def fingerprint(self) -> str:
+        """sha256 over the paths, each file's size and modification time, and the preprocessing.
+
+        Cheap (no file is read), so a resumed training run can tell its inputs changed.
+        """
+        digest = hashlib.sha256(self.preprocessing.fingerprint().encode())
+        for path in self.paths:
+            try:
+                stat = os.stat(path)
+                digest.update(json.dumps([path, stat.st_size, stat.st_mtime_ns]).encode())
+            except OSError:
+                digest.update(json.dumps([path, None]).encode())
+        return digest.hexdigest()
+
+
+ImageSource = Union[torch.Tensor, ImageFiles]
+
+
+def source_length(images: ImageSource) -> int:
+    """Number of images in a source."""
+    return len(images) if isinstance(images, ImageFiles) else int(images.shape[0])
+
+
+def source_image_shape(images: ImageSource) -> tuple[int, ...]:
+    """(3, H, W) of a source's prepared images."""
+    return images.image_shape if isinstance(images, ImageFiles) else tuple(images.shape[1:])
+
+
+class _PlannedSteps(Dataset):
+    """Item i: the uint8 images of step i of a plan (a list of row lists)."""
+
+    def __init__(self, files: ImageFiles, steps: Sequence[Sequence[int]]):
+        self.files = files
+        self.steps = [np.asarray(rows, dtype=np.int64) for rows in steps]
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.files.load(self.steps[index].tolist())
+
+
+def stream_rows(
+    images: ImageSource,
+    steps: Sequence[Sequence[int] | torch.Tensor],
+    device: torch.device | str = "cpu",
+    workers: int = 0,
+    prefetch: int = DEFAULT_PREFETCH,
+) -> Iterator[torch.Tensor]:
+    """The uint8 images of each planned step, in plan order, on `device`.
+
+    `steps[i]` lists the image rows step i needs (any order, repeats allowed). A tensor
+    source is indexed directly. `ImageFiles` are decoded by `workers` DataLoader processes
+    (0 = on this thread), `prefetch` steps ahead per worker; on CUDA through pinned memory
+    with non-blocking copies. A file that cannot be read raises OSError naming it.
+    """
+    target = torch.device(device)
+    plan = [torch.as_tensor(rows, dtype=torch.long).cpu() for rows in steps]
+    if not isinstance(images, ImageFiles):
+        for rows in plan:
+            yield images[rows].to(target, non_blocking=True)
+        return
+    if workers < 0:
+        raise ValueError(f"stream_rows: workers={workers} must be >= 0 (0 decodes on the calling thread).")
+    if workers == 0:
+        for rows in plan:
+            yield images.load(rows.tolist()).to(target)
+        return
+    loader = DataLoader(
+        _PlannedSteps(images, [rows.tolist() for rows in plan]),
+        batch_size=None,  # each item is already a whole step
+        shuffle=False,
+        num_workers=workers,
+        prefetch_factor=max(1, prefetch),
+        pin_memory=target.type == "cuda",
+        persistent_workers=False,
+    )
+    for batch in loader:
+        yield batch.to(target, non_blocking=True)
+
+
+def chunk_steps(n_rows: int, size: int) -> list[list[int]]:
+    """Rows 0..n_rows-1 cut into consecutive steps of at most `size` (an embedding pass's plan)."""
+    if size < 1:
+        raise ValueError(f"chunk_steps: size={size} must be >= 1.")
+    return [list(range(start, min(start + size, n_rows))) for start in range(0, n_rows, size)]
