@@ -6,10 +6,11 @@ at 2k, 8k and 32k train images of the built-in data (64 px), each through `spur 
 
 Each size is one `spur run --select '*metric_report'` in its own SPUR_HOME: the built-in data
 with N train and N/8 test images, base and fine-tune trained one epoch on one caption per image
-(the memory question does not need the demo's eight epochs). Under Dagster's multiprocess
-executor every asset runs in its own process, and every materialization records that process's
-peak resident set (`peak_rss_mb`, from getrusage) and the largest finished child's
-(`peak_rss_largest_child_mb`: the image-decoding workers). The script reads them back from the
+(the memory question does not need the demo's eight epochs). Every materialization records its
+step's peak resident set (`peak_rss_mb`: Linux's VmHWM, reset when the step starts, so it is the
+step's own peak although `spur run` runs all steps in one process; it includes what the process
+already held: Python, Dagster, torch) and the largest finished child's (`peak_rss_largest_child_mb`:
+image-decoding workers, the largest so far in the process). The script reads them back from the
 Dagster instance with the step's wall time and writes a Markdown table (stdout, and --out).
 Target (issue "Real scale"): the 32k figure within 1.2x of the 2k figure for each of the three.
 """

@@ -15,6 +15,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 import dagster as dg
@@ -49,17 +50,40 @@ def upstream_refs(*inputs: ArtifactRef | Mapping[str, ArtifactRef] | None) -> li
     return refs
 
 
-def peak_memory_metadata() -> dict[str, float]:
-    """Peak resident memory so far of this process and of its largest finished child (MiB).
+def reset_peak_memory() -> bool:
+    """Start a new peak-memory window for this process (Linux: the VmHWM high-water mark).
 
-    Under Dagster's multiprocess executor each step runs in its own process, so this is the
-    step's peak; image-decoding workers are children. Linux reports ru_maxrss in KiB. On CUDA,
-    also the step's peak GPU memory held by torch's allocator.
+    `spur run` and the tests materialize every step in one process, so the process's lifetime
+    peak would carry one step's memory into the next step's figure. Writing 5 to
+    /proc/self/clear_refs resets the high-water mark to the current RSS (Linux >= 4.0).
+    Returns False where that is not possible (other systems, restricted /proc).
+    """
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_memory_metadata() -> dict[str, float]:
+    """Peak resident memory of this step (MiB): the process's, and its largest finished child's.
+
+    On Linux the process figure is VmHWM since `reset_peak_memory` (called when the
+    materialization started), i.e. this step's own peak even when several steps share a
+    process; elsewhere getrusage's lifetime peak. The child figure (image-decoding workers) is
+    getrusage's largest child of the process so far. On CUDA, also the step's peak GPU memory
+    held by torch's allocator.
     """
     import resource
 
-    scale = 1024 if sys.platform != "darwin" else 1024 * 1024  # macOS reports bytes
+    scale = 1024 if sys.platform != "darwin" else 1024 * 1024  # ru_maxrss: KiB on Linux, bytes on macOS
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                own = int(line.split()[1]) / 1024
+    except OSError:
+        pass
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / scale
     peaks = {"peak_rss_mb": round(own, 1), "peak_rss_largest_child_mb": round(children, 1)}
     torch = sys.modules.get("torch")  # only when this step used torch; never imported here for it
@@ -126,6 +150,10 @@ def recorded_materialization(
     inputs = list(inputs)
     with ArtifactWriter(settings.home_path, asset, partition, materialization_id) as writer:
         session = MaterializationSession(writer, materialization_id, inputs, device)
+        reset_peak_memory()
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.reset_peak_memory_stats()
         yield session
         outputs = writer.commit()
     data_version = data_version_of(outputs)
