@@ -6,16 +6,17 @@ paths of N files plus the checkpoint's own preprocessing (core/preprocessing.py)
 plans which image rows each step needs (a training batch with its hard negatives, a slice of
 an embedding pass) and `stream_rows` delivers them step by step:
 
-- with `workers` > 0, a `torch.utils.data.DataLoader` over the planned steps: worker
-  processes open, decode, resize and crop the files while the model computes the previous
-  step; `prefetch` steps per worker are decoded ahead; on CUDA the batches land in pinned
-  memory and are copied with `non_blocking=True`;
+- with `workers` > 0, a `torch.utils.data.DataLoader` over the planned steps, cut into items
+  of at most 32 files: worker processes open, decode, resize and crop the files while the
+  model computes the previous step, about `prefetch` steps ahead; the items are put back
+  together into steps in order; on CUDA the batches land in pinned memory and are copied
+  with `non_blocking=True`;
 - with `workers` = 0, the same decoding on the calling thread (no extra process).
 
 Batches travel as uint8 and are normalised on the device (`preprocessing.pixel_values`): a
 quarter of the bytes of float32 through the workers' shared memory and over PCIe, and the
 same numbers as normalising in the worker. Peak memory is bounded by the step size times
-(workers x prefetch + 1), whatever the number of images. The steps come out in plan order
+(prefetch + 1), whatever the number of images. The steps come out in plan order
 and decoding is deterministic, so results do not depend on the number of workers.
 """
 
@@ -35,6 +36,9 @@ from torch.utils.data import DataLoader, Dataset
 from spur_assets.core.preprocessing import ImagePreprocessing, decode_image_uint8
 
 DEFAULT_PREFETCH = 2  # steps decoded ahead per worker: enough to hide decode jitter, little memory
+# Files per DataLoader item. A step is decoded as several items and put back together here, so
+# the first forward waits for 32 files, not a whole step, and workers share a step between them.
+DECODE_ITEM_ROWS = 32
 
 
 @dataclass(frozen=True)
@@ -123,8 +127,9 @@ def stream_rows(
 
     `steps[i]` lists the image rows step i needs (any order, repeats allowed). A tensor
     source is indexed directly. `ImageFiles` are decoded by `workers` DataLoader processes
-    (0 = on this thread), `prefetch` steps ahead per worker; on CUDA through pinned memory
-    with non-blocking copies. A file that cannot be read raises OSError naming it.
+    (0 = on this thread) in items of at most DECODE_ITEM_ROWS files, about `prefetch` steps
+    ahead in all, and put back together into steps here; on CUDA through pinned memory with
+    non-blocking copies. A file that cannot be read raises OSError naming it.
     """
     target = torch.device(device)
     plan = [torch.as_tensor(rows, dtype=torch.long).cpu() for rows in steps]
@@ -138,16 +143,22 @@ def stream_rows(
         for rows in plan:
             yield images.load(rows.tolist()).to(target)
         return
+    items = [rows[start : start + DECODE_ITEM_ROWS].tolist() for rows in plan for start in range(0, max(1, len(rows)), DECODE_ITEM_ROWS)]
+    items_per_step = max(1, -(-max((len(rows) for rows in plan), default=1) // DECODE_ITEM_ROWS))
     loader = DataLoader(
-        _PlannedSteps(images, [rows.tolist() for rows in plan]),
-        batch_size=None,  # each item is already a whole step
+        _PlannedSteps(images, items),
+        batch_size=None,  # each item is already a block of images
         shuffle=False,
         num_workers=workers,
-        prefetch_factor=max(1, prefetch),
+        # Items in flight per worker, so that about `prefetch` whole steps are decoded ahead in all.
+        prefetch_factor=max(2, -(-prefetch * items_per_step // workers)),
         pin_memory=target.type == "cuda",
         persistent_workers=False,
     )
-    for batch in loader:
+    decoded = iter(loader)
+    for rows in plan:
+        parts = [next(decoded) for _ in range(max(1, -(-len(rows) // DECODE_ITEM_ROWS)))]
+        batch = parts[0] if len(parts) == 1 else torch.cat(parts)
         yield batch.to(target, non_blocking=True)
 
 
