@@ -6,13 +6,13 @@ checkpoint through the whole graph with `spur run --dataset`, per stage: wall ti
     (bench/gpu.py --real-size runs the same on CUDA, with GPU utilisation and memory)
 
 Inputs come from bench/real_size_inputs.py (written once under --work and reused when present).
-The run is one `spur run --dataset batch/dataset.yaml --select '*metric_report'` with
+The run is one `spur run --dataset batch/dataset.yaml` (the whole graph) with
 SPUR_BASE_MODEL set to the ViT-B/32-shaped folder, so fine-tuning follows the pretrained recipe
 (core/recipes.py); `--finetune-steps` caps its optimizer steps (the recipe's five epochs of
 ViT-B/32 at 224 px would take hours on 2 CPU cores). Per stage the figures come from the
-materialization metadata every asset records: `seconds`, `peak_rss_mb` (the step's process),
-`peak_rss_largest_child_mb` (its decoding workers), `peak_gpu_mb` on CUDA. Images/s counts what
-the stage processed: images ingested, eval + train counterfactual images written, image
+materialization metadata every asset records: `seconds`, `peak_rss_mb` (the step's own peak),
+`peak_rss_largest_child_mb` (the largest child process so far: decoding workers, inpainting
+pools), `peak_gpu_mb` on CUDA. Images/s counts what the stage processed: images ingested, eval + train counterfactual images written, image
 embeddings computed in metric_report (test + removal + control images, per checkpoint),
 (image, caption) pairs trained in finetuned_checkpoint.
 """
@@ -32,7 +32,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 STAGES = (
     "raw_pairs", "spurious_features", "base_checkpoint", "batch_counterfactuals", "synthetic_counterfactuals",
-    "finetuned_checkpoint", "metric_report",
+    "finetuned_checkpoint", "metric_report", "counterfactual_dataset",
 )
 
 
@@ -55,7 +55,7 @@ def ensure_inputs(work: Path, n_train: int, n_test: int, shape: str, workers: in
 
 def run_pipeline(manifest: Path, model: Path, home: Path, finetune_steps: int, micro_batch: int, workers: int,
                  device: str, threads: int | None) -> float:
-    """One `spur run` of everything up to metric_report; its wall seconds. Raises on failure (log kept in home)."""
+    """One `spur run` of the whole graph; its wall seconds. Raises on failure (log kept in home)."""
     home.mkdir(parents=True, exist_ok=True)
     config = {
         "ops": {
@@ -75,8 +75,7 @@ def run_pipeline(manifest: Path, model: Path, home: Path, finetune_steps: int, m
     started = time.monotonic()
     with open(home / "spur-run.log", "w") as log:
         done = subprocess.run(
-            [sys.executable, "-m", "spur_assets.cli", "run", "--dataset", str(manifest), "--config", str(config_path),
-             "--select", "*metric_report"],
+            [sys.executable, "-m", "spur_assets.cli", "run", "--dataset", str(manifest), "--config", str(config_path)],
             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
         )
     if done.returncode != 0:
@@ -130,7 +129,7 @@ def stage_figures(home: Path) -> list[dict]:
 
 
 def markdown(rows: list[dict], header: str) -> str:
-    lines = [header, "", "| stage | wall s | work | per s | peak RSS MiB | worker peak MiB | peak GPU MiB |",
+    lines = [header, "", "| stage | wall s | work | per s | peak RSS MiB (the step) | largest child process so far MiB | peak GPU MiB |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         work = f"{r['count']:,} {r['unit']}" if r["count"] is not None else ""
