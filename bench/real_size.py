@@ -38,7 +38,7 @@ STAGES = (
 
 def ensure_inputs(work: Path, n_train: int, n_test: int, shape: str, workers: int) -> tuple[Path, Path, float]:
     """(dataset.yaml, model folder, seconds spent generating; 0 when reused)."""
-    inputs = work / f"inputs-{n_train}x{n_test}-{shape}"
+    inputs = work / f"inputs-{n_train}x{n_test}-{shape.replace('/', '')}"
     manifest, model = inputs / "batch" / "dataset.yaml", inputs / ("vit-b-32-random" if shape == "vit-b/32" else "tiny-random")
     if manifest.is_file() and model.is_dir():
         return manifest, model, 0.0
