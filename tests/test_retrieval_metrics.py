@@ -346,3 +346,13 @@ def test_delta_ctrl_sign():
     assert delta_ctrl(image, broken, captions, relevant, k=5) > 0.5
     assert delta_ctrl(broken, image, captions, relevant, k=5) < -0.5
     assert delta_ctrl(image, image, captions, relevant, k=5) == 0.0
+
+
+def test_chunk_rows_shrink_with_the_gallery_so_a_chunk_stays_within_its_budget():
+    from spur_assets.core.retrieval_metrics import SIMILARITY_CHUNK_BYTES, chunk_rows_for
+
+    assert chunk_rows_for(1_250) == 1024  # small gallery: the caller's chunk size
+    rows = chunk_rows_for(20_000)
+    assert rows < 1024 and rows * 20_000 * 4 <= SIMILARITY_CHUNK_BYTES < (rows + 1) * 20_000 * 4
+    assert chunk_rows_for(10**8) == 64  # never fewer rows than that
+    assert chunk_rows_for(20_000, chunk_size=100) == 100

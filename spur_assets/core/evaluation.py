@@ -546,7 +546,9 @@ def evaluate_embeddings(
     image->text caption gallery (originals + edits), so the control faces what the
     removal faced. Examples: `example_queries` (removal query rows), else `n_examples`
     chosen from the index alone (per pair the first query with a b-caption, pairs in turn),
-    each with its top 5 captions flagged relevant / offending (mentions b).
+    each with its top 5 captions flagged relevant / offending (mentions b). `chunk_size`
+    caps the query rows per similarity chunk; fewer are used when the galleries are large
+    (`retrieval_metrics.chunk_rows_for`), which bounds memory and changes no result.
     Raises ValueError when a gallery is smaller than the largest rank asked for.
     """
     _check_rows("image_emb", image_emb, index.n_images, "image_ids")
@@ -565,6 +567,8 @@ def evaluate_embeddings(
             f"(Recall@{max(RECALL_KS)}, k={k}); evaluate on a larger test split."
         )
     started = time.perf_counter()
+    # Fewer query rows per chunk as the galleries grow, so the similarity buffer stays bounded.
+    chunk_size = rm.chunk_rows_for(max(index.n_captions, index.n_images + len(index.removal_paths)), chunk_size)
 
     # Standard retrieval on originals only; images without captions cannot be scored.
     text_image = torch.tensor(index.caption_image_row[: index.n_original_captions], dtype=torch.long, device=device)

@@ -89,6 +89,20 @@ def _topk_with_index_ties(similarity: Tensor, k: int) -> Tensor:
     return indices
 
 
+# Memory one chunk of similarities may take when the caller sizes chunks by gallery (see chunk_rows_for).
+SIMILARITY_CHUNK_BYTES = 16 * 2**20
+
+
+def chunk_rows_for(n_gallery: int, chunk_size: int = 1024, budget_bytes: int = SIMILARITY_CHUNK_BYTES) -> int:
+    """Query rows per chunk so that one chunk's float32 similarities [rows, n_gallery] stay
+    within `budget_bytes`: at most `chunk_size`, at least 64 (small matmuls waste the CPU).
+
+    topk_gallery's results do not depend on the chunk size, so this only bounds memory: the
+    peak then stays flat as the gallery grows instead of growing with chunk_size x n_gallery.
+    """
+    return max(64, min(chunk_size, budget_bytes // (4 * max(1, n_gallery))))
+
+
 def topk_gallery(query_emb: Tensor, gallery_emb: Tensor, k: int, chunk_size: int = 1024) -> Tensor:
     """Indices of the k most similar gallery rows for every query row, best first.
 
