@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Peak resident memory per asset process (MiB), built-in data at 64 px, `bench/bench_memory.py --sizes {args.sizes}`, "
         f"{args.threads} torch thread(s), load average at end {os.getloadavg()[0]:.2f}.",
         "",
-        "| asset | " + " | ".join(f"{n:,} train" for n in sizes) + f" | {largest:,} / {smallest:,} | target | decode worker peak | step seconds |",
+        "| asset | " + " | ".join(f"{n:,} train" for n in sizes) + f" | {largest:,} / {smallest:,} | target | largest child process (decoding workers) | step seconds |",
         "|---|" + "---|" * len(sizes) + "---|---|---|---|",
     ]
     for asset in ASSETS:
