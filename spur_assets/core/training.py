@@ -68,6 +68,7 @@ from spur_assets.core.distributed import DataParallelGroup, data_parallel_towers
 from spur_assets.core.image_stream import ImageFiles, ImageSource, source_length, stream_rows
 
 STATE_FORMAT_VERSION = 1
+PROGRESS_SECONDS = 30.0  # longest silence between progress reports during training
 
 
 @dataclass(frozen=True)
@@ -592,8 +593,11 @@ def _run_epochs(
             loss_sum += loss.item() * batch_pairs
             pairs_done += batch_pairs
             window_pairs += batch_pairs
-            if progress is not None and ((step + 1) % config.log_every_steps == 0 or step + 1 == len(batches)):
-                now = time.perf_counter()
+            now = time.perf_counter()
+            # Every log_every_steps steps, and at least every PROGRESS_SECONDS when steps are slow
+            # (a ViT-B/32 step on a CPU takes minutes): long work never goes quiet.
+            due = (step + 1) % config.log_every_steps == 0 or step + 1 == len(batches) or now - window_started >= PROGRESS_SECONDS
+            if progress is not None and due:
                 progress({
                     "epoch": epoch + 1,
                     "step": step + 1,
