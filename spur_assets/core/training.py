@@ -453,7 +453,14 @@ def train_clip(
     cuda_devices = []
     if device.type == "cuda":
         cuda_devices = [torch.cuda.current_device() if device.index is None else device.index]
-    data = _TrainingData(images, captions, caption_image, text_id, hn_text, hn_image, links, workers)
+    # Captions are tokenised once and kept compact (int32 ids, bool mask: 5 bytes a token), which
+    # is also faster than tokenising each step (measured on the built-in data, 2 threads).
+    tokens = bundle.tokenizer(captions, padding="max_length", truncation=True, max_length=text_max_length(bundle), return_tensors="pt")
+    data = _TrainingData(
+        images, captions, caption_image, text_id, hn_text, hn_image, links, workers,
+        tokens["input_ids"].to(torch.int32), tokens["attention_mask"].to(torch.bool),
+    )
+    del tokens
     with torch.random.fork_rng(devices=cuda_devices), tf32_matmuls(device):
         torch.manual_seed(config.seed)
         try:
@@ -528,6 +535,8 @@ class _TrainingData:
     hn_image: torch.Tensor | None
     links: HardNegativeLinks | None
     workers: int
+    input_ids: torch.Tensor | None = None  # int32 [C, L]: every caption tokenised and padded once
+    attention_mask: torch.Tensor | None = None  # bool [C, L]
 
 
 def _run_epochs(
@@ -551,7 +560,6 @@ def _run_epochs(
         resumed = _load_latest_state(Path(checkpoint_dir), fingerprint, model, optimizer, scheduler, device)
         if resumed is not None:
             start_epoch, history = resumed
-    max_length = text_max_length(bundle)
     for epoch in range(start_epoch, config.epochs):
         if scheduler.last_epoch >= total_steps:
             break  # max_steps reached in an earlier epoch
@@ -565,10 +573,8 @@ def _run_epochs(
         )
         loss_sum, pairs_done, window_pairs, window_started = 0.0, 0, 0, time.perf_counter()
         for step, (plan, images_uint8) in enumerate(zip(plans, step_images, strict=True)):
-            tokens = bundle.tokenizer(
-                [data.captions[c] for c in plan.all_texts.tolist()],
-                padding="max_length", truncation=True, max_length=max_length, return_tensors="pt",
-            )
+            texts = plan.all_texts
+            tokens = {"input_ids": data.input_ids[texts].long(), "attention_mask": data.attention_mask[texts].long()}
 
             def check(loss: torch.Tensor, step: int = step) -> None:
                 if not torch.isfinite(loss):
@@ -577,8 +583,11 @@ def _run_epochs(
                         f"(global step {scheduler.last_epoch + 1}, lr {scheduler.get_last_lr()[0]:.3g}); "
                         "training stopped. Lower TrainConfig.lr or check the weights and images for NaN/inf."
                     )
+                # Gradients are dropped only now, after the forward pass: the allocator then hands
+                # their memory straight to the backward pass's new gradients. Dropping them before
+                # the forward cost a quarter of the step time with two threads (fresh pages each step).
+                optimizer.zero_grad(set_to_none=True)
 
-            optimizer.zero_grad(set_to_none=True)
             loss = _step_loss(
                 bundle, plan, images_uint8, tokens["input_ids"], tokens["attention_mask"], data, config, device,
                 data_parallel, towers, backward=check,
