@@ -215,7 +215,9 @@ def run(scale: str = "full", reps: int = 3, device: str = "cpu", log=print) -> S
             "AP@10 i2t: peak extra memory",
             f"{peaks['engine']:.0f} MiB (engine)",
             f"full sort {peaks['full_sort']:.0f} MiB; torchmetrics {peaks['torchmetrics']:.0f} MiB",
-            f"{peaks['engine'] / peaks['full_sort']:.2f}x; {peaks['engine'] / peaks['torchmetrics']:.3f}x",
+            # At tiny sizes a reference's extra memory can measure 0 MiB: no ratio then, not a crash.
+            (f"{peaks['engine'] / peaks['full_sort']:.2f}x" if peaks["full_sort"] > 0 else "n/a") + "; "
+            + (f"{peaks['engine'] / peaks['torchmetrics']:.3f}x" if peaks["torchmetrics"] > 0 else "n/a"),
             "",
             None,
             f"over the embeddings already in memory; {runs['engine'][0]['method']}",
