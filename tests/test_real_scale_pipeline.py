@@ -34,7 +34,7 @@ CONFIG = {
     "batch_counterfactuals": {"workers": 1},
     "synthetic_counterfactuals": {"workers": 1, "train_removal_per_pair": 6, "train_paste_per_pair": 6},
     # The pretrained recipe, cut to 3 steps of 24 pairs computed 8 rows at a time.
-    "finetuned_checkpoint": {"max_steps": 3, "batch_size": 24, "micro_batch_size": 8, "workers": 2},
+    "finetuned_checkpoint": {"max_steps": 3, "batch_size": 24, "micro_batch_size": 8, "workers": 2, "in_memory_mb": 0},  # streamed
     "metric_report": {"workers": 1},
 }
 
@@ -83,9 +83,10 @@ def test_pretrained_base_on_coco_layout_jpegs_streams_finetunes_and_caches_embed
     counts = report_one["checkpoints"]["base"]["counts"]
     assert counts["test_images"] == 60 and counts["removal_queries"] > 0
     # First report: everything embedded, nothing from the cache; second: everything from the cache.
-    assert any("test images: 0 from the embedding cache, 60 embedded" in m for m in first_logs)
+    image_lines = [m for m in first_logs if "images (test, removal, control): 0 from the embedding cache" in m]
+    assert len(image_lines) == 2 and all(m.endswith(" embedded") for m in image_lines), image_lines
     cache_lines = [m for m in second_logs if "from the embedding cache" in m]
-    assert len(cache_lines) == 8  # test, removal, control images and captions, for two checkpoints
+    assert len(cache_lines) == 4  # images (one pass) and captions, for two checkpoints
     assert all(m.endswith(", 0 embedded") for m in cache_lines), cache_lines
     assert report_two["checkpoints"] == report_one["checkpoints"]  # cached rows are the computed rows
     sizes = cache_stats(home / "cache" / "embeddings")

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from spur_assets.core.clip_model import embed_images, new_small_clip
-from spur_assets.core.image_stream import ImageFiles, chunk_steps, stream_rows
+from spur_assets.core.image_stream import ImageFiles, chunk_steps, decoded_in_memory, stream_rows
 from spur_assets.core.preprocessing import ImagePreprocessing
 from spur_assets.core.recipes import BUILTIN_BASE_RECIPE, PRETRAINED_RECIPE, recipe_for_base
 from spur_assets.core.training import TrainConfig, freeze_lower_layers, train_clip
@@ -61,7 +61,7 @@ def test_training_from_files_equals_training_from_memory_for_any_number_of_worke
                                  hard_negative_image=hard_image)
     files = ImageFiles.of(paths, ImagePreprocessing.of(reference.image_processor))
     for workers in (0, 2):
-        bundle, history = _train(files, captions, caption_image, config, workers=workers,
+        bundle, history = _train(files, captions, caption_image, config, workers=workers, in_memory_mb=0,  # streamed
                                  hard_negative_text=hard_text, hard_negative_image=hard_image)
         assert [row["loss"] for row in history] == [row["loss"] for row in expected], workers
         for (name, ours), theirs in zip(bundle.model.state_dict().items(), reference.model.state_dict().values()):
@@ -82,6 +82,10 @@ def test_stream_rows_delivers_each_planned_step_in_order(task):
             assert torch.equal(batch, images[rows])
     assert [tuple(t.shape) for t in stream_rows(images, plan)][:3] == [(3, 3, 16, 16), (1, 3, 16, 16), (len(paths), 3, 16, 16)]
     assert chunk_steps(5, 2) == [[0, 1], [2, 3], [4]]
+    # Ramped: the first step is small so the first forward starts early; then doubling up to size.
+    assert [len(s) for s in chunk_steps(1000, 256, first=32)] == [32, 64, 128, 256, 256, 256, 8]
+    assert sum(chunk_steps(1000, 256, first=32), []) == list(range(1000))
+    assert chunk_steps(3, 256, first=32) == [[0, 1, 2]]
 
 
 def test_a_file_that_cannot_be_decoded_is_named_from_a_worker(task, tmp_path):
@@ -100,6 +104,26 @@ def test_embedding_files_equals_embedding_the_decoded_tensor(task):
     expected = embed_images(bundle, images, batch_size=7)
     for workers in (0, 1):
         assert torch.equal(embed_images(bundle, files, batch_size=7, workers=workers), expected)
+    # From files the steps ramp up (32 files, then the rest): the same embeddings as one batch.
+    many = ImageFiles.of(paths * 3, files.preprocessing)  # 72 files: steps of 32 and 40
+    assert torch.equal(embed_images(bundle, many, batch_size=256, workers=1), embed_images(bundle, images.repeat(3, 1, 1, 1), batch_size=256))
+
+
+def test_a_small_training_split_is_decoded_once_into_memory_a_large_one_streams(task):
+    images, paths, captions, caption_image = task
+    files = ImageFiles.of(paths, ImagePreprocessing.square(16))
+    pixels_mb = len(paths) * 3 * 16 * 16 / 2**20
+    decoded = decoded_in_memory(files, budget_mb=pixels_mb, workers=1)  # exactly fits
+    assert isinstance(decoded, torch.Tensor) and torch.equal(decoded, images)
+    assert decoded_in_memory(files, budget_mb=pixels_mb * 0.99) is files  # one byte too many: streamed
+    assert decoded_in_memory(files, budget_mb=0) is files  # 0 = always stream
+    assert decoded_in_memory(images, budget_mb=1000) is images
+    # Either way, training gives the same weights.
+    config = TrainConfig(epochs=1, batch_size=8, lr=3e-3, warmup_steps=2, captions_per_image=2)
+    in_memory, _ = _train(files, captions, caption_image, config, in_memory_mb=1)
+    streamed, _ = _train(files, captions, caption_image, config, in_memory_mb=0)
+    for (name, a), (_, b) in zip(in_memory.model.state_dict().items(), streamed.model.state_dict().items()):
+        assert torch.equal(a, b), name
 
 
 def test_micro_batches_give_the_full_batch_gradient(task):

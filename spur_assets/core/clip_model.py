@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from transformers import CLIPImageProcessor
 
 from spur_assets.core.devices import autocast_for
-from spur_assets.core.image_stream import ImageSource, chunk_steps, source_length, stream_rows
+from spur_assets.core.image_stream import DECODE_ITEM_ROWS, ImageFiles, ImageSource, chunk_steps, source_length, stream_rows
 from spur_assets.core.preprocessing import ImagePreprocessing, decode_image_uint8, pixel_values
 
 PAD_TOKEN = "<|pad|>"
@@ -453,8 +453,10 @@ def embed_images(
     """L2-normalised image embeddings [N, D], float32 on CPU, in the order of the images.
 
     `images` are prepared uint8 images [N, 3, S, S], or `ImageFiles` streamed from disk
-    `batch_size` at a time by `workers` decoding processes (0 = on this thread; see
-    core/image_stream.py). Runs on `device` (default: where the model is; the model is moved
+    by `workers` decoding processes (0 = on this thread; see core/image_stream.py) in steps
+    that ramp up from DECODE_ITEM_ROWS files to `batch_size`, so the first forward does not
+    wait for a whole batch to be decoded (an image's embedding does not depend on the batch
+    it is in: on CPU bit for bit, tested). Runs on `device` (default: where the model is; the model is moved
     there), under bf16 autocast on CUDA, in eval mode without gradients. `progress(done,
     total)` is called after each batch.
     """
@@ -463,7 +465,7 @@ def embed_images(
     model.to(target).eval()
     processor_image_size(bundle.image_processor)  # fail early on a non-square processor
     total = source_length(images)
-    steps = chunk_steps(total, batch_size)
+    steps = chunk_steps(total, batch_size, first=DECODE_ITEM_ROWS if isinstance(images, ImageFiles) else None)
     chunks: list[torch.Tensor] = []
     done = 0
     with torch.inference_mode(), autocast_for(target):

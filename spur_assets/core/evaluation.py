@@ -434,10 +434,12 @@ def embed_eval_set(
         def compute(positions: list[int]) -> Tensor:
             files = ImageFiles.of([paths[p] for p in positions], preprocessing)
             step = max(1, len(positions) // 10)  # about ten progress lines per pass
+            last = [0]
 
             def tell(done: int, total: int) -> None:
-                if done == total or done // step != (done - batch_size) // step:
+                if done == total or done // step != last[0] // step:
                     report(f"evaluation: embedded {done}/{total} {what}")
+                last[0] = done
 
             return embed_images(bundle, files, batch_size=batch_size, device=device, progress=tell, workers=workers)
 
@@ -453,9 +455,11 @@ def embed_eval_set(
         report(f"evaluation: embedded {len(texts)} captions (originals and accepted edits)")
         return embeddings
 
-    images = encode_images(index.image_paths, "test images")
-    removals = encode_images(index.removal_paths, "removal images")
-    controls = encode_images(index.control_paths, "control images")
+    # One pass over the test, removal and control images: one set of decoding workers and one
+    # pipeline head per checkpoint instead of three.
+    n_test, n_removal = len(index.image_paths), len(index.removal_paths)
+    every = encode_images(list(index.image_paths) + list(index.removal_paths) + list(index.control_paths), "images (test, removal, control)")
+    images, removals, controls = every[:n_test], every[n_test : n_test + n_removal], every[n_test + n_removal :]
     captions = encode_texts(index.caption_texts)
     return EvalEmbeddings(images=images, captions=captions, removals=removals, controls=controls)
 

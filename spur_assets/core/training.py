@@ -55,7 +55,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -65,7 +65,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from spur_assets.core.clip_model import ClipBundle, pixel_values_from_uint8, processor_image_size, text_max_length
 from spur_assets.core.devices import autocast_for
 from spur_assets.core.distributed import DataParallelGroup, data_parallel_towers, gathered_tower_features, padded_shard
-from spur_assets.core.image_stream import ImageFiles, ImageSource, source_length, stream_rows
+from spur_assets.core.image_stream import DEFAULT_IN_MEMORY_MB, ImageFiles, ImageSource, decoded_in_memory, source_length, stream_rows
 
 STATE_FORMAT_VERSION = 1
 PROGRESS_SECONDS = 30.0  # longest silence between progress reports during training
@@ -391,12 +391,16 @@ def train_clip(
     progress: Callable[[dict], None] | None = None,
     data_parallel: DataParallelGroup | None = None,
     workers: int = 0,
+    in_memory_mb: float = DEFAULT_IN_MEMORY_MB,
 ) -> list[dict]:
     """Train `bundle.model` in place with CLIP's contrastive loss; return the per-epoch history.
 
     `images` is an image source (core/image_stream.py): a uint8 tensor [N, 3, S, S] of
     prepared images, or `ImageFiles` streamed from disk by `workers` decoding processes
-    (0 = on this thread), S being the processor's crop size. `captions[c]` describes image
+    (0 = on this thread), S being the processor's crop size; files whose prepared pixels fit
+    in `in_memory_mb` MiB are decoded once and kept in memory instead (not under
+    `data_parallel`, where each rank streams its own slice; see
+    image_stream.decoded_in_memory). `captions[c]` describes image
     `caption_image[c]` (int64 [C]). Hard negatives (int64, -1 = none): `hard_negative_text`
     [N] caption index per image, `hard_negative_image` [C] image index per caption; see the
     module docstring. AdamW (no decay on biases, norms, embeddings and logit_scale), linear
@@ -461,6 +465,8 @@ def train_clip(
         tokens["input_ids"].to(torch.int32), tokens["attention_mask"].to(torch.bool),
     )
     del tokens
+    if data_parallel is None:  # after the fingerprint, which stays the files' (cheap, no decoding)
+        data = replace(data, images=decoded_in_memory(images, in_memory_mb, workers))
     with torch.random.fork_rng(devices=cuda_devices), tf32_matmuls(device):
         torch.manual_seed(config.seed)
         try:

@@ -13,7 +13,7 @@ from spur_assets.core.artifacts import ArtifactRef
 from spur_assets.core.clip_model import load_checkpoint, new_small_clip, save_checkpoint
 from spur_assets.core.devices import resolve_device
 from spur_assets.core.finetune_data import assemble_finetune_set
-from spur_assets.core.image_stream import ImageFiles
+from spur_assets.core.image_stream import DEFAULT_IN_MEMORY_MB, ImageFiles
 from spur_assets.core.plots import loss_curve
 from spur_assets.core.preprocessing import ImagePreprocessing
 from spur_assets.core.recipes import BUILTIN_BASE_RECIPE, PRETRAINED_RECIPE, FinetuneRecipe, recipe_for_base
@@ -49,8 +49,11 @@ class BaseCheckpointConfig(dg.Config):
     captions_per_image: int = 5  # captions of each image seen per epoch
     seed: int = 0
     # Image decoding processes beside the training loop (0 = decode on the training thread). Images
-    # stream from their files step by step; no split is held in memory. Results do not depend on it.
+    # stream from their files step by step. Results do not depend on it.
     workers: int = 1
+    # A split whose prepared pixels fit in this many MiB is decoded once and kept in memory for the
+    # run instead (every epoch reads it again); 0 always streams. Bounded whatever the data size.
+    in_memory_mb: int = DEFAULT_IN_MEMORY_MB
 
 
 def write_checkpoint_outputs(session, bundle, history: list[dict], asset: str, saved: bool = False) -> None:
@@ -83,6 +86,14 @@ def checkpoint_metadata(session, bundle, history: list[dict]) -> dict:
         metadata["history"] = markdown_table(pl.DataFrame(history), max_rows=50)
         metadata["loss_curve"] = markdown_image(Path(session.ref.output("loss_curve").uri), "training loss")
     return metadata
+
+
+def _image_path_note(images: ImageFiles, in_memory_mb: int, workers: int) -> str:
+    """How training will read its images, for the log."""
+    channels, height, width = images.image_shape
+    megabytes = len(images) * channels * height * width / 2**20
+    how = "decoded once and kept in memory" if in_memory_mb > 0 and megabytes <= in_memory_mb else "streamed from their files step by step"
+    return f"{megabytes:.0f} MiB of prepared pixels, {how} ({workers} decoding process(es); in_memory_mb={in_memory_mb})"
 
 
 def _log_progress(context: dg.AssetExecutionContext):
@@ -137,7 +148,7 @@ def base_checkpoint(
                 max_text_length=config.max_text_length,
             )
             images = ImageFiles.of(train.images["path"].to_list(), ImagePreprocessing.of(bundle.image_processor))
-            context.log.info(f"training on {len(images)} train images streamed from their files ({config.workers} decoding process(es))")
+            context.log.info(f"training on {len(images)} train images, {_image_path_note(images, config.in_memory_mb, config.workers)}")
             history = train_clip(
                 bundle,
                 images,
@@ -153,6 +164,7 @@ def base_checkpoint(
                 device,
                 progress=_log_progress(context),
                 workers=config.workers,
+                in_memory_mb=config.in_memory_mb,
             )
             source = f"small CLIP trained from scratch on {len(images)} images"
         write_checkpoint_outputs(session, bundle, history, "base_checkpoint")
@@ -197,6 +209,9 @@ class FinetunedCheckpointConfig(dg.Config):
     seed: int = 0
     # Image decoding processes per training process (0 = on the training thread); results do not depend on it.
     workers: int = 1
+    # Decode the fine-tuning set once and keep it in memory when its pixels fit in this many MiB
+    # (0 = always stream); single-process training only, DDP ranks stream their own slices.
+    in_memory_mb: int = DEFAULT_IN_MEMORY_MB
     # 1 trains in this process. N > 1 runs `torchrun --nproc_per_node=N` (DDP) through the
     # pipes_subprocess resource with the same global batch_size and seed (docs/cluster.md).
     nproc_per_node: int = 1
@@ -291,6 +306,7 @@ def finetuned_checkpoint(
         hard_negative_image = torch.tensor(finetune_set.hard_negative_image, dtype=torch.long)
         parallel_metadata: dict = {}
         if config.nproc_per_node == 1:
+            context.log.info(f"fine-tuning on {len(images)} images, {_image_path_note(images, config.in_memory_mb, config.workers)}")
             history = train_clip(
                 bundle,
                 images,
@@ -303,6 +319,7 @@ def finetuned_checkpoint(
                 checkpoint_dir=resume_dir,
                 progress=_log_progress(context),
                 workers=config.workers,
+                in_memory_mb=config.in_memory_mb,
             )
             write_checkpoint_outputs(session, bundle, history, "finetuned_checkpoint")
         else:
