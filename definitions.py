@@ -8,7 +8,7 @@ from spur_assets.pipeline.counterfactual_assets import batch_counterfactuals, co
 from spur_assets.pipeline.expose import spurious_features
 from spur_assets.pipeline.inbox_sensor import inbox_sensor
 from spur_assets.pipeline.ingest import raw_pairs
-from spur_assets.pipeline.model_assets import base_checkpoint, finetuned_checkpoint
+from spur_assets.pipeline.model_assets import base_checkpoint, control_checkpoint, finetuned_checkpoint
 from spur_assets.pipeline.pipes import PIPES_SUBPROCESS_KEY, pipes_subprocess_client
 from spur_assets.pipeline.refs_io_manager import ArtifactRefIOManager
 from spur_assets.pipeline.report_assets import metric_report
@@ -24,6 +24,7 @@ defs = dg.Definitions(
         batch_counterfactuals,
         synthetic_counterfactuals,
         finetuned_checkpoint,
+        control_checkpoint,
         metric_report,
         counterfactual_dataset,
     ]),

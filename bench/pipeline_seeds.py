@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from spur_assets.core import retrieval_metrics as rm
+from spur_assets.core.attribution import paired_bootstrap_gain as bootstrap_macro_gain  # the core's paired bootstrap
 from spur_assets.core.batch_union import union_split
 from spur_assets.core.clip_model import load_checkpoint
 from spur_assets.core.evaluation import EvalSet, build_eval_index, embed_eval_set
@@ -107,28 +108,6 @@ def bootstrap_gains(home: Path, resamples: int = 2000) -> dict:
     base, tuned = per_query("base_checkpoint"), per_query("finetuned_checkpoint")
     return {"i2t": bootstrap_macro_gain(base[0], tuned[0], index.removal_pair, resamples),
             "t2i": bootstrap_macro_gain(base[1], tuned[1], index.t2i_pair, resamples)}
-
-
-def bootstrap_macro_gain(base: np.ndarray, tuned: np.ndarray, pairs, resamples: int = 2000, seed: int = 0) -> dict:
-    """Gain of the macro (per-pair) mean of per-query scores, and its paired bootstrap over queries.
-
-    base[q], tuned[q]: one query's AP@k under each model (nan = not scored, as the metric skips
-    it); pairs[q] its pair. Queries are resampled with replacement within each pair, the same
-    draw for both models. Returns {"gain", "sd", "ci95": [2.5th, 97.5th percentile]}.
-    """
-    pairs = np.asarray(pairs)
-    diff = np.asarray(tuned, dtype=float) - np.asarray(base, dtype=float)
-    scored = np.isfinite(diff)  # a removal query with no relevant caption has no AP (the metric skips it)
-    rows = [np.flatnonzero((pairs == name) & scored) for name in sorted(set(pairs.tolist()))]
-    rows = [r for r in rows if r.size]
-
-    def macro(picks: list[np.ndarray]) -> float:
-        return float(np.mean([diff[p].mean() for p in picks]))
-
-    rng = np.random.default_rng(seed)
-    boots = [macro([rng.choice(r, r.size) for r in rows]) for _ in range(resamples)]
-    lo, hi = np.percentile(boots, [2.5, 97.5])
-    return {"gain": macro(rows), "sd": float(np.std(boots)), "ci95": [float(lo), float(hi)]}
 
 
 def headline(report: dict, name: str) -> dict:

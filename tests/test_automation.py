@@ -12,7 +12,7 @@ from spur_assets.pipeline.checks import ALL_CHECKS
 from spur_assets.pipeline.counterfactual_assets import batch_counterfactuals, counterfactual_dataset, synthetic_counterfactuals
 from spur_assets.pipeline.expose import spurious_features
 from spur_assets.pipeline.ingest import batches, raw_pairs
-from spur_assets.pipeline.model_assets import base_checkpoint, finetuned_checkpoint
+from spur_assets.pipeline.model_assets import base_checkpoint, control_checkpoint, finetuned_checkpoint
 from spur_assets.pipeline.pipes import PIPES_SUBPROCESS_KEY, pipes_subprocess_client
 from spur_assets.pipeline.refs_io_manager import ArtifactRefIOManager
 from spur_assets.pipeline.report_assets import metric_report
@@ -20,7 +20,7 @@ from spur_assets.pipeline.resources import SpurSettings
 
 ASSETS = with_automation([
     raw_pairs, spurious_features, base_checkpoint, batch_counterfactuals, synthetic_counterfactuals, finetuned_checkpoint,
-    metric_report, counterfactual_dataset,
+    control_checkpoint, metric_report, counterfactual_dataset,
 ])
 _SETTINGS = SpurSettings(home="/nonexistent-spur-home")  # nothing is executed, only evaluated
 DEFS = dg.Definitions(
@@ -63,7 +63,7 @@ def _build_all(instance, ticks, version: str, batch: str = "b1") -> None:
     _materialize(instance, "spurious_features", f"spurious_features-{version}")
     _passing_checks(instance, "spurious_features")
     _materialize(instance, "batch_counterfactuals", f"batch-{version}", batch)
-    for asset in ("base_checkpoint", "synthetic_counterfactuals", "finetuned_checkpoint",
+    for asset in ("base_checkpoint", "synthetic_counterfactuals", "finetuned_checkpoint", "control_checkpoint",
                   "metric_report", "counterfactual_dataset"):
         _materialize(instance, asset, f"{asset}-{version}")
         _passing_checks(instance, asset)

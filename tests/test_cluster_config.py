@@ -30,7 +30,7 @@ from spur_assets.pipeline.pipes import PIPES_SUBPROCESS_KEY, TRAIN_WORKER_MODULE
 
 REPO = Path(__file__).resolve().parents[1]
 K8S_DIR = REPO / "deploy" / "k8s"
-GPU_ASSETS = ("base_checkpoint", "finetuned_checkpoint")
+GPU_ASSETS = ("base_checkpoint", "finetuned_checkpoint", "control_checkpoint")
 
 
 def _yaml(name: str):

@@ -439,3 +439,142 @@ def test_evaluate_checkpoint_end_to_end_equals_metrics_on_own_embeddings(tiny_se
     for value in (m["odmap"]["i2t"]["3"], m["odmap"]["t2i"]["3"], *m["hr"].values(), *m["recall"]["t2i"].values()):
         assert 0.0 <= value <= 1.0 and math.isfinite(value)
     assert -1.0 <= m["delta_ctrl"] <= 1.0
+
+
+# ----------------------------------------------------------------------------- edit sources, per-query scores
+
+
+def test_index_keeps_each_edits_source_caption():
+    index = build_eval_index(_hand_eval_set())
+    # Edit 1 came from caption 100 (row 0), edit 3 from caption 103 (row 3); originals have none.
+    assert index.caption_source_row == [-1] * 9 + [0, 3]
+
+    eval_set = _hand_eval_set()
+    eval_set.cf_captions = eval_set.cf_captions.drop("source_caption_id")
+    assert build_eval_index(eval_set).caption_source_row == [-1] * 11  # older tables: unknown sources
+
+    eval_set = _hand_eval_set()
+    eval_set.cf_captions = eval_set.cf_captions.with_columns(
+        pl.when(pl.col("cf_caption_id") == 3).then(999).otherwise(pl.col("source_caption_id")).alias("source_caption_id")
+    )
+    with pytest.raises(ValueError, match="cf_caption_id 3: source_caption_id 999 is not among the test captions"):
+        build_eval_index(eval_set)
+
+    eval_set = _hand_eval_set()
+    eval_set.cf_captions = eval_set.cf_captions.with_columns(
+        pl.when(pl.col("cf_caption_id") == 3).then(105).otherwise(pl.col("source_caption_id")).alias("source_caption_id")
+    )
+    with pytest.raises(ValueError, match="source_caption_id 105 describes image_id 12, not its source_image_id 11"):
+        build_eval_index(eval_set)
+
+
+def test_toy_pairwise_accuracy_equals_hand_computed_values():
+    _, result = _toy_evaluation()
+    # i2t: removal 1 scores its b-caption (row 0, 0.95) above the edit made from it (row 24, 0.8): wrong;
+    # removal 3 scores the edit (row 25, 0.9) above its source (row 2, 0.5): right; removal 5 has no edit.
+    i2t = result.per_query["pairwise_i2t"]
+    assert i2t.values.tolist() == [0.0, 1.0] and i2t.strata.tolist() == [DOG_FRISBEE, PERSON_SURFBOARD]
+    # t2i: caption 0 scores removal 1 (0.762) above image 1 (0.747): wrong; caption 2 scores image 2
+    # (0.747) above removal 3 (0.383) and caption 6 image 4 (0.747) above removal 5 (0.664): right.
+    t2i = result.per_query["pairwise_t2i"]
+    assert t2i.values.tolist() == [0.0, 1.0, 1.0]
+    assert result.metrics["pairwise"] == pytest.approx({"i2t": (0.0 + 1.0) / 2, "t2i": (0.5 + 1.0) / 2})
+    rows = {row["pair"]: row for row in result.per_pair}
+    assert rows[DOG_FRISBEE]["pairwise_i2t"] == 0.0 and rows[PERSON_SURFBOARD]["pairwise_i2t"] == 1.0
+    assert rows[DOG_FRISBEE]["pairwise_t2i"] == pytest.approx(0.5) and rows[PERSON_SURFBOARD]["pairwise_t2i"] == 1.0
+    assert result.metrics["counts"]["edit_comparisons"] == 2
+
+
+# Image 1 and image 4 (both show a frisbee) after a fine-tune that stopped naming the frisbee: their
+# top original captions are now their own frisbee-free caption and a dog caption of image 3. Image 1
+# also likes the edit (row 24) best, which is not in the originals-only gallery of the check.
+OVERCORRECTED = {1: {24: 0.95, 1: 0.9, 4: 0.5}, 4: {7: 0.9, 5: 0.5}}
+
+
+def _overcorrected_evaluation():
+    index = build_eval_index(_toy_eval_set())
+    image_emb = _embed([OVERCORRECTED.get(i, TOY_WEIGHTS[i]) for i in range(1, 13)])
+    return evaluate_embeddings(
+        index, image_emb, torch.eye(N_DIMS), _embed([REMOVAL_WEIGHTS[i] for i in (1, 3, 5)]),
+        _embed([CONTROL_WEIGHTS[i] for i in (2, 4, 6)]), k=2,
+    )
+
+
+def test_overcorrection_catches_a_finetune_that_stops_retrieving_b_captions():
+    _, before = _toy_evaluation()
+    after = _overcorrected_evaluation()
+    # Images showing b: frisbee in images 1 and 4 (dog->frisbee), surfboard in image 2 (person->surfboard).
+    # Before: image 1 top-2 [0 frisbee, 1], image 4 [6 frisbee, 7], image 2 [2 surfboard, 3]: 0.5 each.
+    assert before.per_query["b_mention_rate"].values.tolist() == [0.5, 0.5, 0.5]
+    assert before.per_query["b_mention_rate"].strata.tolist() == [DOG_FRISBEE, DOG_FRISBEE, PERSON_SURFBOARD]
+    assert before.metrics["overcorrection"] == {"b_mention_rate": 0.5, "recall_i2t_5": 1.0}
+    # After: image 1 top-2 originals [1, 4], image 4 [7, 5]: no frisbee caption; image 2 unchanged.
+    assert after.per_query["b_mention_rate"].values.tolist() == [0.0, 0.0, 0.5]
+    assert after.metrics["overcorrection"]["b_mention_rate"] == pytest.approx((0.0 + 0.5) / 2)
+    # Their own captions still come first, so recall alone would not see it.
+    assert after.metrics["overcorrection"]["recall_i2t_5"] == 1.0
+    rows = {row["pair"]: row for row in after.per_pair}
+    assert rows[DOG_FRISBEE]["b_mention_rate"] == 0.0 and rows[PERSON_SURFBOARD]["b_mention_rate"] == 0.5
+    assert rows[DOG_FRISBEE]["n_with_b"] == 2 and rows[DOG_FRISBEE]["recall_i2t_5_with_b"] == 1.0
+
+
+def _random_evaluation(seed: int, k: int = 3):
+    """The toy eval index with random (tie-free) embeddings of one made-up checkpoint."""
+    index = build_eval_index(_toy_eval_set())
+    gen = torch.Generator().manual_seed(seed)
+
+    def unit(n: int) -> torch.Tensor:
+        return F.normalize(torch.randn(n, 8, generator=gen), dim=1)
+
+    emb = (unit(index.n_images), unit(index.n_captions), unit(len(index.removal_paths)), unit(len(index.control_paths)))
+    return index, emb, evaluate_embeddings(index, *emb, k=k)
+
+
+PER_QUERY_METRICS = {
+    *(f"recall_{d}_{r}" for d in ("i2t", "t2i") for r in (1, 5, 10)),
+    "odmap_i2t", "odmap_t2i", "hr", "delta_ctrl", "pairwise_i2t", "pairwise_t2i", "b_mention_rate",
+    "recall_i2t_5_with_b",
+}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_per_query_scores_reproduce_every_headline_metric(seed):
+    from spur_assets.core.attribution import headline_path
+
+    index, (images, captions, removals, controls), result = _random_evaluation(seed)
+    assert set(result.per_query) == PER_QUERY_METRICS
+    for metric, scores in result.per_query.items():
+        value = result.metrics
+        for part in headline_path(metric, 3):
+            value = value[part]
+        assert scores.headline() == value or (math.isnan(value) and math.isnan(scores.headline())), metric
+        if scores.strata is not None and metric in result.per_pair[0]:
+            for row in result.per_pair:
+                picked = scores.values[scores.strata == row["pair"]]
+                expected = float(np.nanmean(picked)) if np.isfinite(picked).any() else float("nan")
+                assert row[metric] == pytest.approx(expected, nan_ok=True), (metric, row["pair"])
+
+    # Independent per-query references in numpy (random embeddings: no ties).
+    img, cap, rem = images.numpy(), captions.numpy(), removals.numpy()
+    n_orig = index.n_original_captions
+    owner = np.array(index.caption_image_row[:n_orig])
+    ranked = np.argsort(-(img @ cap[:n_orig].T), axis=1, kind="stable")
+    for r in (1, 5, 10):
+        hits = [float(np.any(owner[ranked[i, :r]] == i)) for i in range(index.n_images)]
+        assert result.per_query[f"recall_i2t_{r}"].values.tolist() == hits
+    edits = [(q, e, index.caption_source_row[e]) for q, rel in enumerate(index.removal_relevant) for e in rel
+             if index.caption_is_edit[e]]
+    assert result.per_query["pairwise_i2t"].values.tolist() == [
+        float(rem[q] @ cap[e] > rem[q] @ cap[s]) for q, e, s in edits
+    ]
+    gallery = np.concatenate([img, rem])
+    assert result.per_query["pairwise_t2i"].values.tolist() == [
+        float(cap[c] @ gallery[t] > cap[c] @ gallery[h])
+        for c, t, h in zip(index.t2i_caption_row, index.t2i_target, index.t2i_hard_negative, strict=True)
+    ]
+    frisbee, surfboard = index.categories.index("frisbee"), index.categories.index("surfboard")
+    mentions = index.caption_mentions[:n_orig].numpy()
+    expected = [mentions[ranked[i, :3], frisbee].mean() for i in (0, 3)] + [mentions[ranked[1, :3], surfboard].mean()]
+    assert result.per_query["b_mention_rate"].values.tolist() == pytest.approx(expected)
+    delta = rm.delta_ctrl(images[index.control_image_row], controls, captions, index.control_relevant, k=3)
+    assert result.metrics["delta_ctrl"] == pytest.approx(delta, abs=1e-12)

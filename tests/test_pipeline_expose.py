@@ -22,6 +22,7 @@ from spur_assets.pipeline.model_assets import (
     PRETRAINED_FINETUNE_LR,
     FinetunedCheckpointConfig,
     base_checkpoint,
+    control_checkpoint,
     finetune_lr,
     finetuned_checkpoint,
 )
@@ -32,7 +33,7 @@ from spur_assets.pipeline.resources import SpurSettings
 
 ASSETS = [
     raw_pairs, spurious_features, base_checkpoint, batch_counterfactuals, synthetic_counterfactuals,
-    finetuned_checkpoint, metric_report, counterfactual_dataset,
+    finetuned_checkpoint, control_checkpoint, metric_report, counterfactual_dataset,
 ]
 UNPARTITIONED = [a for a in ASSETS if a.partitions_def is None]
 TINY = {
@@ -80,22 +81,30 @@ def test_expose_graph_end_to_end(tmp_path):
         assert {c.check_name for c in checks} == {
             "counterfactual_masks_non_empty", "edited_captions_drop_companion", "counterfactual_sizes_unchanged",
             "base_checkpoint_weights_finite", "finetuned_checkpoint_weights_finite", "report_metrics_in_range",
-            "exported_dataset_reloads",
+            "exported_dataset_reloads", "control_checkpoint_weights_finite",
         }
         tuned_meta = rest.asset_materializations_for_node("finetuned_checkpoint")[0].metadata
         assert tuned_meta["learning_rate"].value == BUILTIN_BASE_FINETUNE_LR  # automatic: a base trained here
+        # The control repeats the fine-tune's optimizer steps on the original train images only.
+        control_meta = rest.asset_materializations_for_node("control_checkpoint")[0].metadata
+        assert control_meta["optimizer_steps"].value == tuned_meta["optimizer_steps"].value > 0
+        assert control_meta["training_images"].value == TINY["raw_pairs"]["builtin_n_train"]
+        control_history = json.loads(json.dumps(control_meta["history"].value))
+        assert control_history  # it trained
         combined = rest.asset_materializations_for_node("synthetic_counterfactuals")[0].metadata
         assert combined["batches_from_partitions"].value == 1 and combined["batches_rebuilt_here"].value == "none"
         assert all(c.passed for c in checks), [(c.check_name, c.metadata) for c in checks if not c.passed]
 
     report = json.loads((home / "reports" / "latest" / "report.json").read_text())
     assert check_report_shape(report) == []
-    assert set(report["checkpoints"]) == {"base", "finetuned"}
-    for name in ("base", "finetuned"):
+    assert set(report["checkpoints"]) == {"base", "control", "finetuned"}
+    assert set(report["gains"]["odmap_i2t"]) == {"finetuned-base", "finetuned-control"}
+    for name in ("base", "control", "finetuned"):
         for key in ("recall", "odmap", "hr", "delta_ctrl"):
             assert key in report["checkpoints"][name]
         assert {"natural_10", "anchor_only_10", "10"} <= set(report["checkpoints"][name]["hr"])
     assert report["checkpoints"]["base"] != report["checkpoints"]["finetuned"]
+    assert report["checkpoints"]["control"] != report["checkpoints"]["finetuned"]
     assert report["per_pair"], "per-pair rows"
     assert (home / "reports" / "latest" / "report.html").is_file()
 
@@ -109,8 +118,8 @@ def test_expose_graph_end_to_end(tmp_path):
 
     # the report's ancestry reaches the raw batch through both branches
     chain = store.ancestry(store.latest("metric_report")["materialization_id"])
-    assert {"metric_report", "base_checkpoint", "finetuned_checkpoint", "synthetic_counterfactuals", "spurious_features",
-            "raw_pairs", "batch_counterfactuals"} == set(chain["asset"])
+    assert {"metric_report", "base_checkpoint", "finetuned_checkpoint", "control_checkpoint", "synthetic_counterfactuals",
+            "spurious_features", "raw_pairs", "batch_counterfactuals"} == set(chain["asset"])
     # the fine-tuned checkpoint names the counterfactuals and batches it was trained on
     tuned = store.ancestry(store.latest("finetuned_checkpoint")["materialization_id"])
     assert {"synthetic_counterfactuals", "base_checkpoint", "raw_pairs"} <= set(tuned["asset"])
@@ -164,3 +173,32 @@ def test_base_model_from_a_local_save_pretrained_folder(tmp_path):
     for (name, a), (_, b) in zip(original.model.state_dict().items(), loaded.model.state_dict().items()):
         assert (a == b).all(), name
     assert copied["device"] == "cpu"
+
+
+@pytest.mark.slow
+def test_control_switched_off_gives_a_report_without_attribution(tmp_path):
+    """enabled: false trains no control; the report scores base and fine-tuned and says nothing is attributable."""
+    home = tmp_path / "home"
+    settings = SpurSettings(home=str(home), device="cpu")
+    resources = {"settings": settings, "refs": ArtifactRefIOManager(settings=settings),
+                 PIPES_SUBPROCESS_KEY: pipes_subprocess_client()}
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(batches.name, ["builtin"])
+        for selection, partition in (([raw_pairs.key], "builtin"), ([spurious_features.key], None),
+                                     ([batch_counterfactuals.key], "builtin")):
+            name = selection[0].to_user_string()
+            assert dg.materialize(ASSETS, selection=selection, partition_key=partition, instance=instance, resources=resources,
+                                  run_config={"ops": {name: {"config": TINY[name]}}}).success
+        config = {k: {"config": v} for k, v in TINY.items() if k not in ("raw_pairs", "spurious_features", "batch_counterfactuals")}
+        config["control_checkpoint"] = {"config": {"enabled": False}}
+        result = dg.materialize(
+            [*ASSETS, *ALL_CHECKS],
+            selection=[a.key for a in (base_checkpoint, synthetic_counterfactuals, finetuned_checkpoint, control_checkpoint, metric_report)],
+            instance=instance, resources=resources, run_config={"ops": config},
+        )
+        assert result.success
+        assert result.asset_materializations_for_node("control_checkpoint")[0].metadata["enabled"].value is False
+    report = json.loads((home / "reports" / "latest" / "report.json").read_text())
+    assert set(report["checkpoints"]) == {"base", "finetuned"}
+    assert check_report_shape(report) == []
+    assert "control" in report["verdict"]  # says no control was trained, so nothing is attributed

@@ -232,3 +232,132 @@ def test_write_report_single_checkpoint_without_examples(tmp_path):
 def test_write_report_refuses_extra_keys_that_clash(tmp_path):
     with pytest.raises(ValueError, match="verdict"):
         write_report(_evaluations(tmp_path), tmp_path / "r", extra={"verdict": "mine"})
+
+
+# ----------------------------------------------------------------------------- control checkpoint and gains
+
+PAIR_NAMES = [f"{a}->{b}" for a, b in PAIRS]
+
+
+def _attribution_evaluations(tmp_path) -> dict[str, CheckpointEvaluation]:
+    """base, control (fine-tuned on originals only), finetuned and one more model, with per-query scores.
+
+    Designed gains of finetuned over the control: ODmAP i2t +0.1 on every query (earned), ODmAP t2i
+    +0.1 and -0.1 on alternate queries of every pair (gain exactly 0: not earned), HR -0.1 (earned,
+    lower is better), b-mention rate -0.2 on images showing b (over-correction).
+    """
+    from spur_assets.core.attribution import QueryScores
+
+    rng = np.random.default_rng(7)
+    strata = np.repeat(PAIR_NAMES, 40)
+    n = strata.size
+    draws = {name: rng.uniform(low, high, n) for name, low, high in
+             (("odmap_i2t", 0.2, 0.4), ("odmap_t2i", 0.3, 0.5), ("hr", 0.3, 0.5), ("b_mention_rate", 0.5, 0.9))}
+    shift = {  # (control - base, finetuned - control) per query
+        "odmap_i2t": (0.02, np.full(n, 0.1)),
+        "odmap_t2i": (0.05, np.tile([0.1, -0.1], n // 2)),
+        "hr": (-0.05, np.full(n, -0.1)),
+        "b_mention_rate": (0.0, np.full(n, -0.2)),
+    }
+    values = {
+        "base": draws,
+        "control": {m: draws[m] + shift[m][0] for m in draws},
+        "finetuned": {m: draws[m] + shift[m][0] + shift[m][1] for m in draws},
+        "other": {m: draws[m] + 0.01 for m in draws},
+    }
+    evaluations = {}
+    for name in ("finetuned", "base", "other", "control"):  # out of display order on purpose
+        per_query = {m: QueryScores(v, strata, macro=True) for m, v in values[name].items()}
+        head = {m: scores.headline() for m, scores in per_query.items()}
+        metrics = _metrics(odmap_i2t=head["odmap_i2t"], odmap_t2i=head["odmap_t2i"], hr=head["hr"])
+        metrics["overcorrection"] = {"b_mention_rate": head["b_mention_rate"], "recall_i2t_5": 0.9}
+        metrics["pairwise"] = {"i2t": 0.6, "t2i": None}
+        evaluations[name] = CheckpointEvaluation(metrics, _per_pair(1.0), [], per_query=per_query)
+    return evaluations
+
+
+def test_report_with_a_control_shows_what_the_counterfactuals_earned(tmp_path):
+    evaluations = _attribution_evaluations(tmp_path)
+    paths = write_report(evaluations, tmp_path / "r", bootstrap_resamples=500)
+    assert {"gains", "per_query"} <= set(paths)
+    report = json.loads(paths["json"].read_text())
+    assert check_report_shape(report) == []
+    assert list(report["checkpoints"]) == ["base", "control", "finetuned", "other"]
+    assert report["checkpoints"]["base"]["odmap"]["i2t"]["10"] == pytest.approx(
+        evaluations["base"].per_query["odmap_i2t"].headline()
+    )
+    assert "per_query" not in json.dumps(report["checkpoints"])  # the scores go to the parquet file
+
+    gains = report["gains"]
+    assert set(gains) == {"odmap_i2t", "odmap_t2i", "hr", "b_mention_rate"}
+    i2t = gains["odmap_i2t"]
+    assert set(i2t) == {"finetuned-base", "finetuned-control"}
+    assert i2t["finetuned-control"]["gain"] == pytest.approx(0.1) and i2t["finetuned-base"]["gain"] == pytest.approx(0.12)
+    assert i2t["finetuned-control"]["ci95"] == pytest.approx([0.1, 0.1]) and i2t["finetuned-control"]["n"] == 120
+    t2i = gains["odmap_t2i"]["finetuned-control"]
+    assert t2i["gain"] == pytest.approx(0.0, abs=1e-12) and t2i["ci95"][0] < 0 < t2i["ci95"][1]
+    assert gains["hr"]["finetuned-control"]["ci95"][1] < 0
+
+    markdown = paths["markdown"].read_text()
+    assert "| metric | base | control | finetuned | other | finetuned − base |" in markdown
+    assert "## What the counterfactuals earned" in markdown
+    assert (
+        "| metric | base | control | fine-tuned | fine-tuned − base [95% CI] | fine-tuned − control [95% CI] "
+        "| attributable? |" in markdown
+    )
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in markdown.splitlines() if line.startswith("| ")}
+    assert rows["ODmAP@10 image→text (macro)"].endswith("| +0.100 [+0.100, +0.100] | yes |")
+    assert rows["ODmAP@10 text→image (macro)"].endswith("| no |")
+    assert rows["HR@10 on I⁻ᵇ (lower is better)"].endswith("| yes |")
+    assert rows["b-mention rate@10 on unedited images showing b"].endswith("| no |")
+    assert "<h2>What the counterfactuals earned</h2>" in paths["html"].read_text()
+
+    import polars as pl
+
+    scores = pl.read_parquet(paths["per_query"])
+    assert scores.height == 4 * 4 * 120
+    assert set(scores["checkpoint"].unique()) == {"base", "control", "finetuned", "other"}
+
+
+def test_verdict_names_what_the_counterfactuals_earned_and_did_not(tmp_path):
+    evaluations = _attribution_evaluations(tmp_path)
+    report = json.loads(write_report(evaluations, tmp_path / "r", bootstrap_resamples=500)["json"].read_text())
+    line = report["verdict"]
+    metrics = {name: ev.metrics for name, ev in evaluations.items() if name in ("base", "finetuned")}
+    # The first part is the claim as without a control; that line instead says no control was scored.
+    without_control = verdict(metrics)
+    assert without_control.endswith(" No control checkpoint (the same fine-tuning on originals only) was scored, "
+                                    "so no gain can be attributed to the counterfactuals themselves.")
+    assert line.startswith(without_control.split(" No control checkpoint")[0])
+    assert "No control checkpoint" not in line
+    earned, _, rest = line.partition("The counterfactuals earned: ")[2].partition(". Not attributable")
+    assert "ODmAP@10 i2t (+0.100 over the control, CI +0.100 to +0.100)" in earned and "HR@10 (-0.100" in earned
+    assert "ODmAP@10 t2i" not in earned
+    not_earned = rest.split(". Over-correction")[0]
+    assert "ODmAP@10 t2i (+0.000, CI -" in not_earned and "HR@10" not in not_earned
+    assert "Over-correction: on unedited images that show b, finetuned falls below the control in b-mention rate@10 (-0.200" in line
+    assert "\n" not in line
+
+    # Without gains, the control is acknowledged but nothing is attributed.
+    with_control = {**metrics, "control": evaluations["control"].metrics}
+    assert "no per-query gains given" in verdict(with_control)
+    # Nothing earned, nothing over-corrected.
+    flat = {"odmap_i2t": {"finetuned-control": {"gain": 0.01, "ci95": [-0.02, 0.04], "sd": 0.01, "n": 50}}}
+    text = verdict(with_control, gains=flat)
+    assert "earned none of the gains" in text and "Not attributable to them" in text and "Over-correction" not in text
+
+
+def test_shape_check_accepts_new_keys_and_names_bad_gains():
+    metrics = _metrics()
+    metrics["pairwise"] = {"i2t": 0.7, "t2i": None}
+    metrics["overcorrection"] = {"b_mention_rate": 0.4, "recall_i2t_5": float("nan")}
+    good = {"odmap_i2t": {"finetuned-control": {"gain": 0.04, "ci95": [0.02, 0.06], "sd": 0.01, "n": 300}}}
+    assert check_report_shape({"checkpoints": {"base": metrics}, "gains": good}) == []
+    metrics["pairwise"]["i2t"] = 1.3
+    bad = {"odmap_i2t": {"finetuned-control": {"gain": 0.04, "ci95": [0.06, 0.02], "sd": 0.01, "n": -1}},
+           "hr": {"finetuned-base": {"gain": 0.1}}}
+    problems = check_report_shape({"checkpoints": {"base": metrics}, "gains": bad})
+    assert "checkpoints.base.pairwise.i2t = 1.3 is outside [0, 1]" in problems
+    assert any("gains.odmap_i2t.finetuned-control.ci95 = [0.06, 0.02] has lo > hi" in p for p in problems)
+    assert any("gains.odmap_i2t.finetuned-control.n is -1" in p for p in problems)
+    assert any("gains.hr.finetuned-base must hold gain, ci95, sd and n" in p for p in problems)

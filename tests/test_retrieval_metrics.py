@@ -14,12 +14,15 @@ from spur_assets.core.retrieval_metrics import (
     RelevantSets,
     average_precision_at_k,
     delta_ctrl,
+    delta_ctrl_terms,
     grouped_mean,
     hallucination_rate,
     hallucination_rates,
     odmap_i2t,
     odmap_t2i,
+    pairwise_accuracy,
     recall_at_k,
+    recall_hits,
     reciprocal_rank_at_k,
     topk_gallery,
 )
@@ -356,3 +359,52 @@ def test_chunk_rows_shrink_with_the_gallery_so_a_chunk_stays_within_its_budget()
     assert rows < 1024 and rows * 20_000 * 4 <= SIMILARITY_CHUNK_BYTES < (rows + 1) * 20_000 * 4
     assert chunk_rows_for(10**8) == 64  # never fewer rows than that
     assert chunk_rows_for(20_000, chunk_size=100) == 100
+
+
+def test_pairwise_accuracy_hand_case_counts_ties_as_wrong():
+    # Gallery = identity, so a query's similarity to gallery row j is its j-th entry.
+    query = torch.tensor([[0.6, 0.8, 0.0], [0.0, 0.6, 0.8], [0.8, 0.0, 0.6]])
+    gallery = torch.eye(3)
+    out = pairwise_accuracy(
+        query, gallery, torch.tensor([0, 0, 1, 2, 2]), torch.tensor([1, 0, 2, 0, 2]), torch.tensor([0, 1, 1, 2, 1])
+    )
+    # q0: 0.8 > 0.6 right, 0.6 > 0.8 wrong; q1: 0.8 > 0.6 right; q2: 0.8 > 0.6 right, 0.6 > 0.0 right.
+    assert out.tolist() == [1.0, 0.0, 1.0, 1.0, 1.0] and out.dtype == torch.float64
+    tie = pairwise_accuracy(query, gallery, torch.tensor([0]), torch.tensor([2]), torch.tensor([2]))
+    assert tie.tolist() == [0.0]  # equal similarity: the model cannot tell them apart
+    chunked = pairwise_accuracy(
+        query, gallery, torch.tensor([0, 0, 1, 2, 2]), torch.tensor([1, 0, 2, 0, 2]), torch.tensor([0, 1, 1, 2, 1]),
+        chunk_size=2,
+    )
+    assert chunked.tolist() == out.tolist()
+    with pytest.raises(ValueError, match="one entry per comparison"):
+        pairwise_accuracy(query, gallery, torch.tensor([0, 1]), torch.tensor([1]), torch.tensor([0]))
+    with pytest.raises(ValueError, match="preferred_rows holds row 3"):
+        pairwise_accuracy(query, gallery, torch.tensor([0]), torch.tensor([3]), torch.tensor([0]))
+
+
+def test_recall_hits_are_the_queries_behind_recall_at_k():
+    image, text = _unit(9, 8, 80), _unit(20, 8, 81)
+    text_image = torch.arange(20) % 9
+    hits = recall_hits(image, text, text_image, (1, 5), chunk_size=4)
+    means = recall_at_k(image, text, text_image, (1, 5))
+    assert hits["i2t"]["5"].shape == (9,) and hits["t2i"]["1"].shape == (20,)
+    for direction in ("i2t", "t2i"):
+        for k in ("1", "5"):
+            assert set(hits[direction][k].tolist()) <= {0.0, 1.0}
+            assert float(hits[direction][k].mean()) == pytest.approx(means[direction][k])
+    # Brute force: image i hits at 5 when one of its captions is among its 5 most similar.
+    ranked = torch.argsort(image @ text.T, dim=1, descending=True)[:, :5]
+    assert hits["i2t"]["5"].tolist() == [float((text_image[ranked[i]] == i).any()) for i in range(9)]
+
+
+def test_delta_ctrl_is_the_mean_of_its_per_control_terms():
+    original, control, captions = _unit(6, 8, 90), _unit(6, 8, 91), _unit(15, 8, 92)
+    relevant = [[0, 1], [2], [], [5, 6, 7], [8], [9, 10]]  # control 2's image has no caption: skipped
+    terms = delta_ctrl_terms(original, control, captions, relevant, k=4)
+    ap_o = average_precision_at_k(topk_gallery(original, captions, 4), relevant, 4)
+    ap_c = average_precision_at_k(topk_gallery(control, captions, 4), relevant, 4)
+    assert math.isnan(float(terms[2])) and torch.allclose(terms[[0, 1, 3, 4, 5]], (ap_o - ap_c)[[0, 1, 3, 4, 5]])
+    assert delta_ctrl(original, control, captions, relevant, k=4) == pytest.approx(
+        float(torch.nanmean(ap_o) - torch.nanmean(ap_c)), abs=1e-12
+    )

@@ -35,7 +35,7 @@ CHROMIUM_ARGS = [
 ]
 ASSETS = [
     "raw_pairs", "spurious_features", "base_checkpoint", "batch_counterfactuals", "synthetic_counterfactuals",
-    "finetuned_checkpoint", "metric_report", "counterfactual_dataset",
+    "finetuned_checkpoint", "control_checkpoint", "metric_report", "counterfactual_dataset",
 ]
 REPORT_WAIT_S = float(os.environ.get("SPUR_UI_REPORT_WAIT_S", 1500))  # sensor -> raw_pairs -> ... -> metric_report, 2 cores
 # Small batches, so the automated chain (default configs) takes minutes, not the demo's quarter hour.

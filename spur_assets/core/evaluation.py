@@ -9,7 +9,8 @@ Three steps, each usable on its own:
 2. `embed_eval_set` encodes every image and caption the index names with one checkpoint.
 3. `evaluate_embeddings` hands the embeddings and the index to `retrieval_metrics` (which
    owns every metric definition of DESIGN.md section 4) and assembles the report's metric
-   dict M (DESIGN.md section 3), one row per pair, and a few example retrievals.
+   dict M (DESIGN.md section 3), one row per pair, a few example retrievals, and every
+   query's score behind each headline metric (`per_query`, which `attribution` resamples).
 
 `evaluate_checkpoint` runs the three in order.
 
@@ -24,12 +25,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import polars as pl
 import torch
 from torch import Tensor
 
 from spur_assets.core import retrieval_metrics as rm
 from spur_assets.core.artifacts import ArtifactRef
+from spur_assets.core.attribution import QueryScores
 from spur_assets.core.batch_union import SplitTables
 from spur_assets.core.counterfactuals import pair_name
 from spur_assets.core.embedding_cache import EmbeddingCache, cached_embed, file_sha256, text_key
@@ -42,6 +45,7 @@ __all__ = [
     "EvalEmbeddings",
     "EvalIndex",
     "EvalSet",
+    "QueryScores",
     "build_eval_index",
     "check_report_shape",
     "embed_eval_set",
@@ -67,9 +71,11 @@ class EvalSet:
     images (image_id, path, width, height), captions (caption_id, image_id, caption) and
     instances (image_id, category) are the test split. cf_images (cf_image_id, kind
     "removal"|"control", source_image_id, anchor, companion, path) and cf_captions
-    (cf_caption_id, source_image_id, anchor, companion, caption, accepted) are the
+    (cf_caption_id, source_image_id, anchor, companion, caption, accepted, and optionally
+    source_caption_id: the original caption the edit was made from) are the
     counterfactuals of `counterfactuals.build_eval_counterfactuals`; pairs are the flagged
-    (anchor, companion) pairs. Other columns are ignored.
+    (anchor, companion) pairs. Other columns are ignored. Without source_caption_id the
+    image->text pairwise accuracy has no comparison (nan).
     """
 
     images: pl.DataFrame
@@ -112,6 +118,7 @@ class EvalIndex:
     caption_texts: list[str]
     caption_is_edit: list[bool]
     caption_image_row: list[int]  # the test image a caption (or the edit's source caption) describes
+    caption_source_row: list[int]  # an edit's source caption (an original row); -1 for originals and unknown sources
     n_original_captions: int
     caption_mentions: Tensor  # bool [n_captions, n_categories]
     image_objects: Tensor  # bool [n_images, n_categories]
@@ -165,20 +172,28 @@ class CheckpointEvaluation:
     """One checkpoint's scores: M of DESIGN.md section 3, one row per pair, example retrievals.
 
     metrics: {"recall": {"i2t"|"t2i": {"1","5","10"}}, "odmap": {"i2t"|"t2i": {str(k): macro}},
-    "hr": {str(k), "natural_<k>", "anchor_only_<k>"}, "delta_ctrl": float} plus "odmap_micro",
-    "hr_micro", "k" and "counts". All values lie in [0, 1] except delta_ctrl, a difference
-    of two mAPs, in [-1, 1] (negative: the control image retrieves its own captions worse
-    than the original does, which the removal cannot be blamed for). A metric with no
-    query behind it is nan.
+    "hr": {str(k), "natural_<k>", "anchor_only_<k>"}, "delta_ctrl": float, "pairwise":
+    {"i2t", "t2i"}, "overcorrection": {"b_mention_rate", "recall_i2t_5"}} plus
+    "odmap_micro", "hr_micro", "k" and "counts". All values lie in [0, 1] except
+    delta_ctrl, a difference of two mAPs, in [-1, 1] (negative: the control image
+    retrieves its own captions worse than the original does, which the removal cannot be
+    blamed for). A metric with no query behind it is nan.
     per_pair: dicts with pair, anchor, companion, n_removal, n_t2i_queries, n_controls,
-    odmap_i2t, odmap_t2i, hr, natural, anchor_only, delta_ctrl (nan where undefined).
+    n_with_b, odmap_i2t, odmap_t2i, hr, natural, anchor_only, delta_ctrl, pairwise_i2t,
+    pairwise_t2i, b_mention_rate, recall_i2t_5_with_b (nan where undefined).
     examples: removal queries with their top captions (see `evaluate_embeddings`).
+    per_query: metric name -> `attribution.QueryScores`, every query's score behind a
+    headline value of metrics (`attribution.headline_path` says which), which
+    `QueryScores.headline()` reproduces exactly: recall_{i2t,t2i}_{1,5,10}, odmap_i2t,
+    odmap_t2i, hr, delta_ctrl, pairwise_i2t, pairwise_t2i, b_mention_rate,
+    recall_i2t_5_with_b. Empty for evaluations made before it existed.
     """
 
     metrics: dict
     per_pair: list[dict]
     examples: list[dict]
     timings: dict[str, float] = field(default_factory=dict)
+    per_query: dict[str, QueryScores] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- index
@@ -232,6 +247,35 @@ def _image_row_of(image_row: dict[int, int], image_id: int, where: str) -> int:
     return row
 
 
+def _edit_sources(
+    edits: pl.DataFrame, captions: pl.DataFrame, caption_image_row: list[int], n_original: int, image_ids: list[int]
+) -> list[int]:
+    """Caption gallery row of each accepted edit's source caption (-1 when cf_captions has no source_caption_id)."""
+    if "source_caption_id" not in edits.columns:
+        return [-1] * edits.height
+    row_of = {int(c): row for row, c in enumerate(captions["caption_id"].to_list())}
+    rows = []
+    for offset, (cf_id, source) in enumerate(edits.select("cf_caption_id", "source_caption_id").iter_rows()):
+        if source is None:
+            rows.append(-1)
+            continue
+        row = row_of.get(int(source))
+        if row is None:
+            raise ValueError(
+                f"EvalSet.cf_captions cf_caption_id {cf_id}: source_caption_id {source} is not among the test "
+                "captions; pass the test captions of the same batches as the counterfactuals."
+            )
+        edit_image = caption_image_row[n_original + offset]
+        if caption_image_row[row] != edit_image:
+            raise ValueError(
+                f"EvalSet.cf_captions cf_caption_id {cf_id}: source_caption_id {source} describes image_id "
+                f"{image_ids[caption_image_row[row]]}, not its source_image_id {image_ids[edit_image]}; "
+                "the counterfactual tables are inconsistent (rebuild them)."
+            )
+        rows.append(row)
+    return rows
+
+
 def build_eval_index(eval_set: EvalSet) -> EvalIndex:
     """Galleries, queries, relevant sets and hard negatives of the eval set (no model involved).
 
@@ -241,10 +285,13 @@ def build_eval_index(eval_set: EvalSet) -> EvalIndex:
     captions that mention b. Text->image queries: I's original captions that mention b,
     gallery = test images then every removal image, target I, hard negative I^-b. Control
     I^c: relevant = all of I's original captions. Natural images show neither a nor b,
-    anchor-only images a without b (by instances). Mentions come from `vocabulary`.
+    anchor-only images a without b (by instances). Mentions come from `vocabulary`. Each
+    accepted edit keeps the row of the original caption it was edited from
+    (`caption_source_row`, from cf_captions.source_caption_id when that column exists).
     Raises ValueError naming the table, id and field for missing columns, duplicate ids,
-    references to unknown images, counterfactuals of pairs not in `pairs`, a removal
-    image given twice for one (image, pair), or a null accepted edit.
+    references to unknown images or captions, an edit whose source caption describes
+    another image, counterfactuals of pairs not in `pairs`, a removal image given twice
+    for one (image, pair), or a null accepted edit.
     """
     _check_eval_set(eval_set)
     pairs = list(dict.fromkeys((str(a), str(b)) for a, b in eval_set.pairs))
@@ -280,6 +327,8 @@ def build_eval_index(eval_set: EvalSet) -> EvalIndex:
         _image_row_of(image_row, int(i), f"EvalSet.cf_captions cf_caption_id {c} (source_image_id)")
         for c, i in zip(edits["cf_caption_id"].to_list(), edits["source_image_id"].to_list(), strict=True)
     ]
+
+    caption_source_row = [-1] * n_original + _edit_sources(edits, captions, caption_image_row, n_original, image_ids)
 
     categories = sorted(
         {str(c) for c in eval_set.instances["category"].drop_nulls().to_list()} | {c for pair in pairs for c in pair}
@@ -369,6 +418,7 @@ def build_eval_index(eval_set: EvalSet) -> EvalIndex:
         caption_texts=caption_texts,
         caption_is_edit=[False] * n_original + [True] * edits.height,
         caption_image_row=caption_image_row,
+        caption_source_row=caption_source_row,
         n_original_captions=n_original,
         caption_mentions=caption_mentions,
         image_objects=image_objects,
@@ -528,6 +578,98 @@ def _example(
     }
 
 
+def _pair_means(scores: QueryScores) -> dict[str, float]:
+    """Mean score per pair (nan skipped), the per-pair value behind a macro headline."""
+    summary = rm.grouped_mean(scores.values, scores.strata.tolist())
+    return {pair: mean for pair, (mean, _) in summary["per_group"].items()}
+
+
+def _pairwise_scores(
+    index: EvalIndex, image_emb: Tensor, caption_emb: Tensor, removal_emb: Tensor, t2i_gallery: Tensor
+) -> dict[str, QueryScores]:
+    """Pairwise counterfactual accuracy per comparison, by pair: "pairwise_i2t" and "pairwise_t2i".
+
+    i2t: per removal query I^-b and each accepted edit among its relevant captions (an
+    edit of one of I's captions for this pair) whose source caption is known: does I^-b
+    score the edit strictly above the original caption it was edited from? t2i: per
+    text query (an original b-caption of I): does it score I strictly above I^-b?
+    """
+    query, edit, source, pair = [], [], [], []
+    for q, relevant in enumerate(index.removal_relevant):
+        for row in relevant:
+            if index.caption_is_edit[row] and index.caption_source_row[row] >= 0:
+                query.append(q)
+                edit.append(row)
+                source.append(index.caption_source_row[row])
+                pair.append(index.removal_pair[q])
+    i2t = rm.pairwise_accuracy(
+        removal_emb,
+        caption_emb,
+        torch.tensor(query, dtype=torch.long),
+        torch.tensor(edit, dtype=torch.long),
+        torch.tensor(source, dtype=torch.long),
+    )
+    t2i = rm.pairwise_accuracy(
+        caption_emb,
+        t2i_gallery,
+        torch.tensor(index.t2i_caption_row, dtype=torch.long),
+        torch.tensor(index.t2i_target, dtype=torch.long),
+        torch.tensor(index.t2i_hard_negative, dtype=torch.long),
+    )
+    return {
+        "pairwise_i2t": QueryScores(i2t.numpy(), np.array(pair, dtype=str), macro=True),
+        "pairwise_t2i": QueryScores(t2i.numpy(), np.array(index.t2i_pair, dtype=str), macro=True),
+    }
+
+
+def _overcorrection_scores(
+    index: EvalIndex,
+    image_emb: Tensor,
+    caption_emb: Tensor,
+    captioned: Tensor,
+    renumber: Tensor,
+    recall_hits: dict[str, dict[str, Tensor]],
+    k: int,
+    chunk_size: int,
+) -> dict[str, QueryScores]:
+    """The over-correction check on the test images that show b, by pair.
+
+    "b_mention_rate": share of each such image's top-k original captions (the COCO
+    gallery, no edits) that mention b; b is in the image, so higher is right here and a
+    fine-tune that stops retrieving b-captions shows up as a drop. "recall_i2t_5_with_b":
+    the image's Recall@5 image->text hit from `recall_hits` (nan for an image without a
+    caption, which Recall skips). One entry per (pair, image showing b), pairs in index
+    order, images by row.
+    """
+    columns = {name: index.categories.index(b) for (_, b), name in zip(index.pairs, index.pair_names, strict=True)}
+    rows_of = {name: index.image_objects[:, column].nonzero().flatten().tolist() for name, column in columns.items()}
+    shown = sorted({row for rows in rows_of.values() for row in rows})
+    position = {row: i for i, row in enumerate(shown)}
+    device = image_emb.device
+    originals = caption_emb[: index.n_original_captions]
+    shown_rows = torch.tensor(shown, dtype=torch.long, device=device)
+    topk = rm.topk_gallery(image_emb[shown_rows], originals, k, chunk_size) if shown else None
+    hit5 = recall_hits["i2t"]["5"]
+    captioned, renumber = captioned.cpu(), renumber.cpu()
+    mention, recall, pair = [], [], []
+    for name, rows in rows_of.items():
+        if not rows or topk is None:
+            continue
+        picked = topk[torch.tensor([position[r] for r in rows], dtype=torch.long, device=topk.device)]
+        companion = torch.full((len(rows),), columns[name], dtype=torch.long)
+        mentions = index.caption_mentions[: index.n_original_captions]
+        mention.append(rm.hallucination_rate(picked, mentions, companion, k).cpu())
+        own = [float(hit5[renumber[r]]) if captioned[r] else float("nan") for r in rows]
+        recall.append(torch.tensor(own, dtype=torch.float64))
+        pair += [name] * len(rows)
+    empty = torch.empty(0, dtype=torch.float64)
+    strata = np.array(pair, dtype=str)
+    return {
+        "b_mention_rate": QueryScores(torch.cat(mention).numpy() if mention else empty.numpy(), strata, macro=True),
+        "recall_i2t_5_with_b": QueryScores(torch.cat(recall).numpy() if recall else empty.numpy(), strata, macro=True),
+    }
+
+
 def evaluate_embeddings(
     index: EvalIndex,
     image_emb: Tensor,
@@ -550,7 +692,13 @@ def evaluate_embeddings(
     image->text caption gallery (originals + edits), so the control faces what the
     removal faced. Examples: `example_queries` (removal query rows), else `n_examples`
     chosen from the index alone (per pair the first query with a b-caption, pairs in turn),
-    each with its top 5 captions flagged relevant / offending (mentions b). `chunk_size`
+    each with its top 5 captions flagged relevant / offending (mentions b). Pairwise
+    accuracy (macro over pairs): image->text, does I^-b score each accepted edit strictly
+    above the original caption it was edited from; text->image, does each b-caption of I
+    score I strictly above I^-b. Over-correction (macro over pairs, every pair whose b
+    some test image shows): on those unedited images, the share of their top-k original
+    captions that mention b, and their Recall@5 image->text. `per_query` holds every
+    query's score behind each headline (see `CheckpointEvaluation`). `chunk_size`
     caps the query rows per similarity chunk; fewer are used when the galleries are large
     (`retrieval_metrics.chunk_rows_for`), which bounds memory and changes no result.
     Raises ValueError when a gallery is smaller than the largest rank asked for.
@@ -573,17 +721,25 @@ def evaluate_embeddings(
     started = time.perf_counter()
     # Fewer query rows per chunk as the galleries grow, so the similarity buffer stays bounded.
     chunk_size = rm.chunk_rows_for(max(index.n_captions, index.n_images + len(index.removal_paths)), chunk_size)
+    per_query: dict[str, QueryScores] = {}
 
     # Standard retrieval on originals only; images without captions cannot be scored.
     text_image = torch.tensor(index.caption_image_row[: index.n_original_captions], dtype=torch.long, device=device)
     captioned = torch.zeros(index.n_images, dtype=torch.bool, device=device)
     captioned[text_image] = True
     renumber = torch.cumsum(captioned.to(torch.long), 0) - 1
-    recall = rm.recall_at_k(
+    hits = rm.recall_hits(
         image_emb[captioned], caption_emb[: index.n_original_captions], renumber[text_image], RECALL_KS, chunk_size
     )
+    for direction, by_k in hits.items():
+        for r, hit in by_k.items():
+            per_query[f"recall_{direction}_{r}"] = QueryScores(hit.numpy(), None, macro=False)
+    recall = {d: {r: per_query[f"recall_{d}_{r}"].headline() for r in by_k} for d, by_k in hits.items()}
 
-    i2t = rm.odmap_i2t(removal_emb, caption_emb, index.removal_relevant, index.removal_pair, k, chunk_size)
+    i2t = rm.odmap_i2t(
+        removal_emb, caption_emb, index.removal_relevant, index.removal_pair, k, chunk_size, per_query=True
+    )
+    per_query["odmap_i2t"] = QueryScores(i2t["per_query"].numpy(), np.array(index.removal_pair, dtype=str), macro=True)
     t2i_gallery = torch.cat([image_emb, removal_emb.to(device)])
     t2i_rows = torch.tensor(index.t2i_caption_row, dtype=torch.long, device=device)
     t2i = rm.odmap_t2i(
@@ -593,7 +749,9 @@ def evaluate_embeddings(
         index.t2i_pair,
         k,
         chunk_size,
+        per_query=True,
     )
+    per_query["odmap_t2i"] = QueryScores(t2i["per_query"].numpy(), np.array(index.t2i_pair, dtype=str), macro=True)
     # Only pairs with removal queries, so HR and its reference rates average the same pairs.
     with_queries = set(index.removal_pair)
     queried_pairs = {
@@ -611,22 +769,21 @@ def evaluate_embeddings(
         queried_pairs,
         k,
         chunk_size,
+        per_query=True,
     )
+    per_query["hr"] = QueryScores(rates["hr"]["per_query"].numpy(), np.array(index.removal_pair, dtype=str), macro=True)
 
-    def control_delta(queries: list[int]) -> float:
-        if not queries:
-            return float("nan")
-        rows = torch.tensor([index.control_image_row[q] for q in queries], dtype=torch.long, device=device)
-        return rm.delta_ctrl(
-            image_emb[rows],
-            control_emb[torch.tensor(queries, dtype=torch.long, device=device)],
-            caption_emb,
-            [index.control_relevant[q] for q in queries],
-            k,
-            chunk_size,
-        )
+    # Delta_ctrl is micro over controls: one term per control, averaged plainly.
+    if index.control_paths:
+        rows = torch.tensor(index.control_image_row, dtype=torch.long, device=device)
+        terms = rm.delta_ctrl_terms(image_emb[rows], control_emb, caption_emb, index.control_relevant, k, chunk_size)
+    else:
+        terms = torch.empty(0, dtype=torch.float64)
+    per_query["delta_ctrl"] = QueryScores(terms.numpy(), np.array(index.control_pair, dtype=str), macro=False)
 
-    all_controls = list(range(len(index.control_paths)))
+    per_query.update(_pairwise_scores(index, image_emb, caption_emb, removal_emb, t2i_gallery))
+    per_query.update(_overcorrection_scores(index, image_emb, caption_emb, captioned, renumber, hits, k, chunk_size))
+
     key = str(k)
     metrics = {
         "recall": recall,
@@ -636,7 +793,12 @@ def evaluate_embeddings(
             f"natural_{key}": rates["natural"]["macro"],
             f"anchor_only_{key}": rates["anchor_only"]["macro"],
         },
-        "delta_ctrl": control_delta(all_controls),
+        "delta_ctrl": per_query["delta_ctrl"].headline(),
+        "pairwise": {"i2t": per_query["pairwise_i2t"].headline(), "t2i": per_query["pairwise_t2i"].headline()},
+        "overcorrection": {
+            "b_mention_rate": per_query["b_mention_rate"].headline(),
+            "recall_i2t_5": per_query["recall_i2t_5_with_b"].headline(),
+        },
         "odmap_micro": {"i2t": {key: i2t["micro"]}, "t2i": {key: t2i["micro"]}},
         "hr_micro": {
             key: rates["hr"]["micro"],
@@ -654,10 +816,17 @@ def evaluate_embeddings(
             "controls": len(index.control_paths),
             "pairs": len(index.pairs),
             "pairs_with_queries": len(queried_pairs),
+            "edit_comparisons": len(per_query["pairwise_i2t"].values),
+            "overcorrection_queries": len(per_query["b_mention_rate"].values),  # (pair, image showing b)
         },
     }
 
     nan = float("nan")
+    by_pair = {
+        name: _pair_means(per_query[name])
+        for name in ("delta_ctrl", "pairwise_i2t", "pairwise_t2i", "b_mention_rate", "recall_i2t_5_with_b")
+    }
+    with_b = per_query["b_mention_rate"].strata.tolist()
     per_pair = []
     for (anchor, companion), name in zip(index.pairs, index.pair_names, strict=True):
         per_pair.append(
@@ -668,12 +837,17 @@ def evaluate_embeddings(
                 "n_removal": index.removal_pair.count(name),
                 "n_t2i_queries": index.t2i_pair.count(name),
                 "n_controls": index.control_pair.count(name),
+                "n_with_b": with_b.count(name),
                 "odmap_i2t": i2t["per_pair"].get(name, nan),
                 "odmap_t2i": t2i["per_pair"].get(name, nan),
                 "hr": rates["hr"]["per_pair"].get(name, nan),
                 "natural": rates["natural"]["per_pair"].get(name, nan),
                 "anchor_only": rates["anchor_only"]["per_pair"].get(name, nan),
-                "delta_ctrl": control_delta([q for q, p in enumerate(index.control_pair) if p == name]),
+                "delta_ctrl": by_pair["delta_ctrl"].get(name, nan),
+                "pairwise_i2t": by_pair["pairwise_i2t"].get(name, nan),
+                "pairwise_t2i": by_pair["pairwise_t2i"].get(name, nan),
+                "b_mention_rate": by_pair["b_mention_rate"].get(name, nan),
+                "recall_i2t_5_with_b": by_pair["recall_i2t_5_with_b"].get(name, nan),
             }
         )
 
@@ -696,7 +870,11 @@ def evaluate_embeddings(
             examples.append(_example(index, q, top[i, :EXAMPLE_TOP].tolist(), float(ap[i]), float(hr[i])))
 
     return CheckpointEvaluation(
-        metrics=metrics, per_pair=per_pair, examples=examples, timings={"rank_s": time.perf_counter() - started}
+        metrics=metrics,
+        per_pair=per_pair,
+        examples=examples,
+        timings={"rank_s": time.perf_counter() - started},
+        per_query=per_query,
     )
 
 

@@ -1,4 +1,5 @@
-"""Retrieval metrics: Recall@K (COCO protocol), ODmAP@k in both directions, HR@k, Delta_ctrl.
+"""Retrieval metrics: Recall@K (COCO protocol), ODmAP@k in both directions, HR@k, Delta_ctrl,
+pairwise counterfactual accuracy.
 
 Definitions are DESIGN.md section 4. Everything that ranks a gallery goes through
 `topk_gallery`, which walks the similarity matrix `chunk_size` query rows at a time,
@@ -7,7 +8,10 @@ chunk_size * n_gallery * 4 bytes (the float32 similarities of one chunk) on the
 embeddings' device. Embeddings arrive L2-normalised; similarity is the dot product.
 
 Per-query scores are float64. A query whose metric is undefined (AP@k with no
-relevant item) scores nan, and every mean here skips nan values.
+relevant item) scores nan, and every mean here skips nan values. The composites return
+their per-query scores too when asked (`per_query=True`, `recall_hits`,
+`delta_ctrl_terms`), so a caller can resample queries (`attribution`) without ranking
+again.
 """
 
 from __future__ import annotations
@@ -22,12 +26,15 @@ __all__ = [
     "RelevantSets",
     "average_precision_at_k",
     "delta_ctrl",
+    "delta_ctrl_terms",
     "grouped_mean",
     "hallucination_rate",
     "hallucination_rates",
     "odmap_i2t",
     "odmap_t2i",
+    "pairwise_accuracy",
     "recall_at_k",
+    "recall_hits",
     "reciprocal_rank_at_k",
     "topk_gallery",
 ]
@@ -316,34 +323,35 @@ def grouped_mean(values: Tensor, groups: Sequence[str]) -> dict:
     return {"macro": macro, "micro": micro, "per_group": per_group}
 
 
-def _pair_summary(values: Tensor, pair_of_query: Sequence[str]) -> dict:
+def _pair_summary(values: Tensor, pair_of_query: Sequence[str], per_query: bool = False) -> dict:
     summary = grouped_mean(values, pair_of_query)
-    return {
+    result = {
         "macro": summary["macro"],
         "micro": summary["micro"],
         "per_pair": {pair: mean for pair, (mean, _) in summary["per_group"].items()},
         "n_queries": {pair: count for pair, (_, count) in summary["per_group"].items()},
     }
+    if per_query:
+        result["per_query"] = torch.as_tensor(values).detach().to("cpu", torch.float64)
+    return result
 
 
 # --------------------------------------------------------------------------- report composites
 
 
-def recall_at_k(
+def recall_hits(
     image_emb: Tensor,
     text_emb: Tensor,
     text_image: Tensor,
     ks: Sequence[int] = (1, 5, 10),
     chunk_size: int = 1024,
-) -> dict[str, dict[str, float]]:
-    """Standard COCO Recall@K in both directions: {"i2t": {"1": .., ..}, "t2i": {..}}.
+) -> dict[str, dict[str, Tensor]]:
+    """Per-query Recall@K hits in both directions: {"i2t"|"t2i": {str(K): float64 [n_query] of 0/1}}.
 
-    Contract: text_image[j] is the row of image_emb that caption j describes. i2t R@K is
-    the share of images with any own caption among their top K captions; t2i R@K the
-    share of captions whose own image is among their top K images. Equals
-    clip_benchmark's text_retrieval_recall@K (i2t) and image_retrieval_recall@K (t2i) on
-    the same embeddings, up to ties, which here go to the lower index. Every image must
-    have at least one caption (clip_benchmark would silently count it as a miss).
+    Contract: the queries and the hit rule of `recall_at_k` (whose values are the means
+    of these): i2t query i is image row i, a hit when any of its own captions is in its
+    top K captions; t2i query j is caption j, a hit when its own image is in its top K
+    images. Tensors are on CPU. Same checks and errors as `recall_at_k`.
     """
     _check_embeddings(image_emb, text_emb, "image_emb", "text_emb")
     text_image = torch.as_tensor(text_image, device=image_emb.device).to(torch.long)
@@ -371,9 +379,30 @@ def recall_at_k(
     t2i_topk = topk_gallery(text_emb, image_emb, max_k, chunk_size)
     t2i_hit = t2i_topk == text_image.unsqueeze(1)  # [n_texts, max_k]
     return {
-        "i2t": {str(k): float(i2t_hit[:, :k].any(dim=1).to(torch.float64).mean()) for k in ks},
-        "t2i": {str(k): float(t2i_hit[:, :k].any(dim=1).to(torch.float64).mean()) for k in ks},
+        "i2t": {str(k): i2t_hit[:, :k].any(dim=1).to("cpu", torch.float64) for k in ks},
+        "t2i": {str(k): t2i_hit[:, :k].any(dim=1).to("cpu", torch.float64) for k in ks},
     }
+
+
+def recall_at_k(
+    image_emb: Tensor,
+    text_emb: Tensor,
+    text_image: Tensor,
+    ks: Sequence[int] = (1, 5, 10),
+    chunk_size: int = 1024,
+) -> dict[str, dict[str, float]]:
+    """Standard COCO Recall@K in both directions: {"i2t": {"1": .., ..}, "t2i": {..}}.
+
+    Contract: text_image[j] is the row of image_emb that caption j describes. i2t R@K is
+    the share of images with any own caption among their top K captions; t2i R@K the
+    share of captions whose own image is among their top K images. Equals
+    clip_benchmark's text_retrieval_recall@K (i2t) and image_retrieval_recall@K (t2i) on
+    the same embeddings, up to ties, which here go to the lower index. Every image must
+    have at least one caption (clip_benchmark would silently count it as a miss).
+    Per-query hits: `recall_hits`.
+    """
+    hits = recall_hits(image_emb, text_emb, text_image, ks, chunk_size)
+    return {direction: {k: float(hit.mean()) for k, hit in by_k.items()} for direction, by_k in hits.items()}
 
 
 def odmap_i2t(
@@ -383,6 +412,7 @@ def odmap_i2t(
     pair_of_query: Sequence[str],
     k: int = 10,
     chunk_size: int = 1024,
+    per_query: bool = False,
 ) -> dict:
     """ODmAP@k image->text: queries I^-b against the caption gallery, averaged per pair.
 
@@ -390,10 +420,11 @@ def odmap_i2t(
     captions that do not mention b plus the accepted edits of I's captions;
     pair_of_query[q] is its pair id ("dog->frisbee"). Returns {"macro", "micro",
     "per_pair": {pair: mean AP@k}, "n_queries": {pair: count}}; queries with no relevant
-    caption are skipped.
+    caption are skipped. With per_query, also "per_query": AP@k of every query, float64
+    on CPU, nan where skipped.
     """
     topk = topk_gallery(removal_emb, caption_emb, k, chunk_size)
-    return _pair_summary(average_precision_at_k(topk, relevant, k), pair_of_query)
+    return _pair_summary(average_precision_at_k(topk, relevant, k), pair_of_query, per_query)
 
 
 def odmap_t2i(
@@ -403,15 +434,40 @@ def odmap_t2i(
     pair_of_query: Sequence[str],
     k: int = 10,
     chunk_size: int = 1024,
+    per_query: bool = False,
 ) -> dict:
     """ODmAP@k text->image: original b-captions of I against originals plus every I^-b.
 
     Contract: target_index[q] is the gallery row of query q's own original image I (the
     only relevant item, so AP@k = 1/rank if rank <= k else 0). Same return shape as
-    `odmap_i2t`.
+    `odmap_i2t` (per_query: the reciprocal rank of every query).
     """
     topk = topk_gallery(caption_query_emb, image_gallery_emb, k, chunk_size)
-    return _pair_summary(reciprocal_rank_at_k(topk, target_index, k), pair_of_query)
+    return _pair_summary(reciprocal_rank_at_k(topk, target_index, k), pair_of_query, per_query)
+
+
+def delta_ctrl_terms(
+    original_emb: Tensor,
+    control_emb: Tensor,
+    caption_emb: Tensor,
+    relevant: Sequence[Sequence[int]] | RelevantSets,
+    k: int = 10,
+    chunk_size: int = 1024,
+) -> Tensor:
+    """Each control's share of Delta_ctrl: AP@k(I) - AP@k(I^c), float64 [n_control] on CPU.
+
+    Contract: as `delta_ctrl`. A control whose I has no relevant caption scores nan: both
+    APs are undefined for it, since I and I^c share one relevant set.
+    """
+    if original_emb.shape != control_emb.shape:
+        raise ValueError(
+            f"original_emb {tuple(original_emb.shape)} and control_emb {tuple(control_emb.shape)} "
+            "must pair row for row (row q of each is the same image I)"
+        )
+    sets = _as_relevant_sets(relevant)
+    ap_original = average_precision_at_k(topk_gallery(original_emb, caption_emb, k, chunk_size), sets, k)
+    ap_control = average_precision_at_k(topk_gallery(control_emb, caption_emb, k, chunk_size), sets, k)
+    return (ap_original - ap_control).to("cpu")
 
 
 def delta_ctrl(
@@ -428,16 +484,10 @@ def delta_ctrl(
     I^c; relevant[q] are the gallery rows of I's original captions (all of them). Both
     means are micro over queries, skipping queries with no relevant caption. Near 0
     means the inpainting itself does not move retrieval; positive means it hurts.
+    Both mAPs skip the same controls (I and I^c share a relevant set), so this is the
+    mean of `delta_ctrl_terms`, which is how it is computed.
     """
-    if original_emb.shape != control_emb.shape:
-        raise ValueError(
-            f"original_emb {tuple(original_emb.shape)} and control_emb {tuple(control_emb.shape)} "
-            "must pair row for row (row q of each is the same image I)"
-        )
-    sets = _as_relevant_sets(relevant)
-    ap_original = average_precision_at_k(topk_gallery(original_emb, caption_emb, k, chunk_size), sets, k)
-    ap_control = average_precision_at_k(topk_gallery(control_emb, caption_emb, k, chunk_size), sets, k)
-    return float(torch.nanmean(ap_original) - torch.nanmean(ap_control))
+    return float(torch.nanmean(delta_ctrl_terms(original_emb, control_emb, caption_emb, relevant, k, chunk_size)))
 
 
 def hallucination_rates(
@@ -450,6 +500,7 @@ def hallucination_rates(
     pairs: Mapping[str, tuple[int, int]],
     k: int = 10,
     chunk_size: int = 1024,
+    per_query: bool = False,
 ) -> dict:
     """HR@k on I^-b with its natural and anchor-only reference rates, per pair.
 
@@ -460,7 +511,8 @@ def hallucination_rates(
     "hr" ranks the I^-b queries, "natural" the unedited images showing neither a nor b,
     "anchor_only" those showing a without b; each scores the share of its top-k captions
     mentioning b. Returns {"hr"|"natural"|"anchor_only": {"macro", "micro", "per_pair",
-    "n_queries"}}; a pair with no qualifying image is absent from its rate.
+    "n_queries"}}; a pair with no qualifying image is absent from its rate. With
+    per_query, "hr" also holds "per_query": HR@k of every I^-b row, float64 on CPU.
     """
     removal_pair = list(removal_pair)
     unknown = sorted(set(removal_pair) - set(pairs))
@@ -498,8 +550,54 @@ def hallucination_rates(
             reference[name][0].append(hallucination_rate(selected, caption_mentions, category, k))
             reference[name][1].extend([pair] * selected.shape[0])
 
-    result = {"hr": _pair_summary(hr, removal_pair)}
+    result = {"hr": _pair_summary(hr, removal_pair, per_query)}
     for name, (rates, labels) in reference.items():
         values = torch.cat(rates) if rates else torch.empty(0, dtype=torch.float64)
         result[name] = _pair_summary(values, labels)
     return result
+
+
+def pairwise_accuracy(
+    query_emb: Tensor,
+    gallery_emb: Tensor,
+    query_rows: Tensor,
+    preferred_rows: Tensor,
+    other_rows: Tensor,
+    chunk_size: int = 4096,
+) -> Tensor:
+    """Pairwise counterfactual accuracy (SugarCrepe / Winoground style), 1.0 or 0.0 per comparison.
+
+    Contract: comparison c is correct when query row query_rows[c] is strictly more
+    similar to gallery row preferred_rows[c] than to gallery row other_rows[c] (a tie
+    is wrong: the model cannot tell the two apart). Similarity is the dot product in at
+    least float32, as `topk_gallery` computes it. Returns float64 [n_comparisons] on CPU;
+    a mean of it is the accuracy. Raises ValueError for index tensors of unequal length
+    or rows outside the embeddings.
+    """
+    _check_embeddings(query_emb, gallery_emb, "query_emb", "gallery_emb")
+    device = query_emb.device
+    rows = [
+        torch.as_tensor(r, device=device).to(torch.long).reshape(-1) for r in (query_rows, preferred_rows, other_rows)
+    ]
+    if not rows[0].shape == rows[1].shape == rows[2].shape:
+        raise ValueError(
+            f"query_rows, preferred_rows and other_rows must have one entry per comparison; got lengths "
+            f"{[r.numel() for r in rows]}"
+        )
+    for name, r, size in (
+        ("query_rows", rows[0], query_emb.shape[0]),
+        ("preferred_rows", rows[1], gallery_emb.shape[0]),
+        ("other_rows", rows[2], gallery_emb.shape[0]),
+    ):
+        if r.numel() and (int(r.min()) < 0 or int(r.max()) >= size):
+            bad = int(r.max()) if int(r.max()) >= size else int(r.min())
+            raise ValueError(f"{name} holds row {bad}, outside 0..{size - 1}; give rows of the embeddings")
+    dtype = torch.promote_types(torch.promote_types(query_emb.dtype, gallery_emb.dtype), torch.float32)
+    out = torch.empty(rows[0].numel(), dtype=torch.float64)
+    with torch.no_grad():
+        for start in range(0, rows[0].numel(), chunk_size):
+            q, better, worse = (r[start : start + chunk_size] for r in rows)
+            query = query_emb[q].to(dtype)
+            correct = (query * gallery_emb[better].to(dtype)).sum(1) > (query * gallery_emb[worse].to(dtype)).sum(1)
+            out[start : start + q.numel()] = correct.to("cpu", torch.float64)
+    return out

@@ -433,14 +433,8 @@ def train_clip(
         )
     captions = [str(c) for c in captions]
     text_id = _text_ids(captions)
-    links = None
-    if config.paired_batches or config.hard_negative_weight != 1.0:
-        links = hard_negative_links(caption_image, source_length(images), hard_negative_text, hard_negative_image)
-
-    steps_per_epoch = len(_epoch_batches_for(config, caption_image, links, 0))
-    total_steps = max(1, steps_per_epoch * config.epochs)
-    if config.max_steps is not None:
-        total_steps = min(total_steps, config.max_steps)
+    links = _links_for(config, caption_image, source_length(images), hard_negative_text, hard_negative_image)
+    total_steps = _total_steps(config, caption_image, links)
     model.to(device)
     frozen = freeze_lower_layers(model, config.freeze_layers)
     optimizer = _make_optimizer(model, config)
@@ -480,6 +474,42 @@ def train_clip(
                 parameter.requires_grad_(True)
             model.eval()
     return history
+
+
+def optimizer_steps(
+    caption_image: torch.Tensor,
+    n_images: int,
+    config: TrainConfig,
+    hard_negative_text: torch.Tensor | None = None,
+    hard_negative_image: torch.Tensor | None = None,
+) -> int:
+    """How many optimizer steps `train_clip` takes on these inputs: steps per epoch x epochs, capped by max_steps.
+
+    Also the length of its learning-rate schedule (warm-up, then cosine decay to 0 over these
+    steps). A control run that must match another run's budget sets max_steps to this number
+    and enough epochs to reach it.
+    """
+    caption_image = torch.as_tensor(caption_image, dtype=torch.long).cpu()
+    if hard_negative_text is not None:
+        hard_negative_text = torch.as_tensor(hard_negative_text, dtype=torch.long).cpu()
+    if hard_negative_image is not None:
+        hard_negative_image = torch.as_tensor(hard_negative_image, dtype=torch.long).cpu()
+    links = _links_for(config, caption_image, n_images, hard_negative_text, hard_negative_image)
+    return _total_steps(config, caption_image, links)
+
+
+def _links_for(config, caption_image, n_images, hard_negative_text, hard_negative_image) -> HardNegativeLinks | None:
+    if config.paired_batches or config.hard_negative_weight != 1.0:
+        return hard_negative_links(caption_image, n_images, hard_negative_text, hard_negative_image)
+    return None
+
+
+def _total_steps(config: TrainConfig, caption_image: torch.Tensor, links: HardNegativeLinks | None) -> int:
+    steps_per_epoch = len(_epoch_batches_for(config, caption_image, links, 0))
+    total_steps = max(1, steps_per_epoch * config.epochs)
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+    return total_steps
 
 
 @contextlib.contextmanager

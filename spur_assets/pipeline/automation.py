@@ -59,6 +59,7 @@ CONDITIONS: dict[str, dg.AutomationCondition] = {
     "counterfactual_dataset": REFRESH_ON_NEW_INPUT,
     "base_checkpoint": FOLLOW_CHANGED_INPUT,
     "finetuned_checkpoint": FOLLOW_CHANGED_INPUT,
+    "control_checkpoint": FOLLOW_CHANGED_INPUT,
     "metric_report": FOLLOW_CHANGED_INPUT,
 }
 

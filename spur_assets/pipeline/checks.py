@@ -11,7 +11,7 @@ from spur_assets.core.artifacts import ArtifactRef
 from spur_assets.core.vocabulary import mentioned_categories
 from spur_assets.pipeline.counterfactual_assets import counterfactual_dataset, synthetic_counterfactuals
 from spur_assets.pipeline.expose import spurious_features
-from spur_assets.pipeline.model_assets import base_checkpoint, finetuned_checkpoint
+from spur_assets.pipeline.model_assets import base_checkpoint, control_checkpoint, control_enabled, finetuned_checkpoint
 from spur_assets.pipeline.report_assets import metric_report
 
 
@@ -87,6 +87,13 @@ def finetuned_checkpoint_weights_finite(finetuned_checkpoint: ArtifactRef) -> dg
     return weights_finite(finetuned_checkpoint)
 
 
+@dg.asset_check(asset=control_checkpoint, blocking=True, description="every weight of the control checkpoint is finite (when one was trained)")
+def control_checkpoint_weights_finite(control_checkpoint: ArtifactRef) -> dg.AssetCheckResult:
+    if not control_enabled(control_checkpoint):
+        return dg.AssetCheckResult(passed=True, metadata={"control": "switched off (enabled: false); nothing to check"})
+    return weights_finite(control_checkpoint)
+
+
 def weights_finite(checkpoint: ArtifactRef) -> dg.AssetCheckResult:
     """Pass when no tensor in the checkpoint's safetensors files holds NaN or Inf."""
     files = sorted(checkpoint.path("checkpoint").glob("*.safetensors"))
@@ -140,6 +147,7 @@ ALL_CHECKS = [
     counterfactual_sizes_unchanged,
     base_checkpoint_weights_finite,
     finetuned_checkpoint_weights_finite,
+    control_checkpoint_weights_finite,
     report_metrics_in_range,
     exported_dataset_reloads,
 ]

@@ -1,7 +1,9 @@
-"""`base_checkpoint`: the model under audit, as a Hugging Face save_pretrained folder."""
+"""`base_checkpoint` (the model under audit), `finetuned_checkpoint` and its originals-only `control_checkpoint`."""
 
+import json
+import math
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -17,7 +19,7 @@ from spur_assets.core.image_stream import DEFAULT_IN_MEMORY_MB, ImageFiles
 from spur_assets.core.plots import loss_curve
 from spur_assets.core.preprocessing import ImagePreprocessing
 from spur_assets.core.recipes import BUILTIN_BASE_RECIPE, PRETRAINED_RECIPE, FinetuneRecipe, recipe_for_base
-from spur_assets.core.training import TrainConfig, train_clip
+from spur_assets.core.training import TrainConfig, optimizer_steps, train_clip
 from spur_assets.core.training_job import TrainingJob
 from spur_assets.pipeline.cluster import GPU_STEP_TAGS
 from spur_assets.pipeline.ingest import ALL_BATCHES, batches_split
@@ -304,6 +306,9 @@ def finetuned_checkpoint(
         caption_image = torch.tensor(finetune_set.caption_image, dtype=torch.long)
         hard_negative_text = torch.tensor(finetune_set.hard_negative_text, dtype=torch.long)
         hard_negative_image = torch.tensor(finetune_set.hard_negative_image, dtype=torch.long)
+        steps = optimizer_steps(caption_image, len(images), train_config, hard_negative_text, hard_negative_image)
+        # What control_checkpoint repeats on originals only: the same recipe, seed and number of steps.
+        write_training_plan(session, recipe, config.seed, steps)
         parallel_metadata: dict = {}
         if config.nproc_per_node == 1:
             context.log.info(f"fine-tuning on {len(images)} images, {_image_path_note(images, config.in_memory_mb, config.workers)}")
@@ -342,6 +347,116 @@ def finetuned_checkpoint(
             "training_set": dg.MetadataValue.json(finetune_set.summary),
             "learning_rate": dg.MetadataValue.float(recipe.lr),
             "recipe": dg.MetadataValue.json({**asdict(recipe), "base": "pretrained" if settings.base_model else "built here"}),
+            "optimizer_steps": steps,
             **parallel_metadata,
         }
     )
+
+
+TRAINING_PLAN_FILE = "training_plan.json"
+
+
+def write_training_plan(session, recipe: FinetuneRecipe, seed: int, steps: int) -> None:
+    """Stage training_plan.json: the recipe, seed and optimizer steps a fine-tune ran (its control repeats them)."""
+    plan = {"recipe": asdict(recipe), "seed": seed, "optimizer_steps": steps}
+    session.writer.path(TRAINING_PLAN_FILE).write_text(json.dumps(plan, indent=1, sort_keys=True))
+    session.writer.add_file("training_plan", TRAINING_PLAN_FILE)
+
+
+def read_training_plan(checkpoint: ArtifactRef) -> tuple[FinetuneRecipe, int, int]:
+    """(recipe, seed, optimizer steps) of a fine-tune, from its training_plan.json."""
+    try:
+        plan = json.loads(checkpoint.path("training_plan").read_text())
+    except KeyError as error:
+        raise ValueError(
+            f"{checkpoint.asset} materialization {checkpoint.materialization_id} has no training plan (it predates the "
+            "control arm); materialize finetuned_checkpoint again, then control_checkpoint."
+        ) from error
+    return FinetuneRecipe(**plan["recipe"]), int(plan["seed"]), int(plan["optimizer_steps"])
+
+
+class ControlCheckpointConfig(dg.Config):
+    """The originals-only control of the fine-tune: what extra training alone earns.
+
+    `enabled` False records that no control was trained (the report then scores base and
+    fine-tuned only, and says the gains cannot be attributed). On by default: without it a
+    report cannot tell what the counterfactuals earned from what more training earned.
+    """
+
+    enabled: bool = True
+    workers: int = 1
+    in_memory_mb: int = DEFAULT_IN_MEMORY_MB
+
+
+@dg.asset(
+    group_name="mitigate",
+    kinds={"pytorch", "huggingface"},
+    code_version="1",
+    io_manager_key="refs",
+    pool="accelerator",
+    op_tags=GPU_STEP_TAGS,
+    ins=ALL_BATCHES,
+    description=(
+        "The control arm: base_checkpoint fine-tuned with finetuned_checkpoint's recipe, seed, number of "
+        "optimizer steps and learning-rate schedule, on the original train images and captions only (no "
+        "counterfactual, no hard negative). metric_report sets the fine-tune against it, so a gain is "
+        "credited to the counterfactuals only when it beats the same amount of plain training. "
+        "Switch it off with enabled: false."
+    ),
+)
+def control_checkpoint(
+    context: dg.AssetExecutionContext,
+    config: ControlCheckpointConfig,
+    settings: SpurSettings,
+    raw_pairs: dict[str, ArtifactRef],
+    base_checkpoint: ArtifactRef,
+    finetuned_checkpoint: ArtifactRef,
+) -> dg.Output:
+    device = resolve_device(settings.device)
+    recipe, seed, steps = read_training_plan(finetuned_checkpoint)
+    inputs = upstream_refs(raw_pairs, base_checkpoint, finetuned_checkpoint)
+    resume_key = config_hash(
+        {"base": base_checkpoint.data_version, "finetuned": finetuned_checkpoint.data_version, "config": config.model_dump()}
+    )[:16]
+    resume_dir = settings.home_path / "work" / "control_checkpoint" / resume_key
+    with recorded_materialization(context, settings, config, inputs=inputs, device=str(device)) as session:
+        if not config.enabled:
+            context.log.info("control_checkpoint is switched off (enabled: false): no control trained")
+            session.writer.path("control.json").write_text(json.dumps({"enabled": False}))
+            session.writer.add_file("control", "control.json")
+            return_metadata = {"enabled": False}
+            history, bundle = [], None
+        else:
+            train = batches_split(raw_pairs, "train")
+            captions = train.captions.sort("caption_id")
+            images_table = train.images.sort("image_id")
+            row_of = {image_id: row for row, image_id in enumerate(images_table["image_id"].to_list())}
+            caption_image = torch.tensor([row_of[i] for i in captions["image_id"].to_list()], dtype=torch.long)
+            bundle = load_checkpoint(base_checkpoint.path("checkpoint"), device="cpu")
+            images = ImageFiles.of(images_table["path"].to_list(), ImagePreprocessing.of(bundle.image_processor))
+            # Same recipe and schedule; as many epochs over the originals as reach the fine-tune's steps.
+            per_epoch = optimizer_steps(caption_image, len(images), replace(recipe, epochs=1, max_steps=None).train_config(seed))
+            train_config = recipe.with_(epochs=math.ceil(steps / per_epoch), max_steps=steps).train_config(seed)
+            context.log.info(
+                f"control: {len(images)} original images, {len(captions)} captions, {steps} optimizer steps "
+                f"({train_config.epochs} epoch(s) of {per_epoch}) as finetuned_checkpoint ran; "
+                f"{_image_path_note(images, config.in_memory_mb, config.workers)}"
+            )
+            history = train_clip(
+                bundle, images, captions["caption"].to_list(), caption_image, train_config, device,
+                checkpoint_dir=resume_dir, progress=_log_progress(context), workers=config.workers,
+                in_memory_mb=config.in_memory_mb,
+            )
+            write_checkpoint_outputs(session, bundle, history, "control_checkpoint")
+            write_training_plan(session, recipe.with_(epochs=train_config.epochs, max_steps=steps), seed, steps)
+            return_metadata = {"enabled": True, "optimizer_steps": steps, "training_images": len(images)}
+    shutil.rmtree(resume_dir, ignore_errors=True)
+    metadata = dict(return_metadata)
+    if bundle is not None:
+        metadata.update(checkpoint_metadata(session, bundle, history))
+    return session.output(metadata)
+
+
+def control_enabled(control: ArtifactRef) -> bool:
+    """Whether a control_checkpoint materialization holds a trained checkpoint."""
+    return any(output.name == "checkpoint" for output in control.outputs)

@@ -13,6 +13,7 @@ from spur_assets.core.embedding_cache import EmbeddingCache
 from spur_assets.core.evaluation import EvalSet, evaluate_checkpoint
 from spur_assets.core.report import write_report
 from spur_assets.pipeline.ingest import ALL_BATCHES, batches_split
+from spur_assets.pipeline.model_assets import control_enabled
 from spur_assets.pipeline.recording import recorded_materialization, upstream_refs
 from spur_assets.pipeline.resources import SpurSettings
 from spur_assets.pipeline.ui_metadata import markdown_image, markdown_table
@@ -27,6 +28,12 @@ class MetricReportConfig(dg.Config):
     # Reuse each image's (by file sha256) and caption's embedding under a checkpoint from earlier
     # reports (SPUR_HOME/cache/embeddings); entries are keyed by content, never expire by time.
     embedding_cache: bool = True
+    # Further models scored beside base, control and fine-tuned on the same eval set: save_pretrained
+    # folders (or hub ids already in the local cache), as "name=path" or a bare path (named after
+    # its folder). E.g. two pretrained CLIPs compared on your data.
+    extra_models: list[str] = []
+    # Paired bootstrap resamples for the confidence intervals of the gains (over eval queries, by pair).
+    bootstrap_resamples: int = 2000
 
 
 def embedding_cache_for(settings: SpurSettings, checkpoint: ArtifactRef, bundle, device) -> EmbeddingCache:
@@ -78,7 +85,9 @@ def publish_latest(home: Path, report_dir: Path) -> Path:
     description=(
         "Every checkpoint scored on the same eval set: Recall@1/5/10 both directions (COCO protocol), "
         "ODmAP@10 image->text and text->image, HR@10 with natural and anchor-only rates, Delta_ctrl, per "
-        "pair, for base_checkpoint and finetuned_checkpoint side by side. Writes report.json, report.md and report.html; SPUR_HOME/reports/latest points at the newest."
+        "pair, for base_checkpoint, control_checkpoint, finetuned_checkpoint and any extra models side by side, with "
+        "the fine-tune's gains over base and over the control (paired bootstrap 95% CIs), pairwise counterfactual "
+        "accuracy and the over-correction check. Writes report.json, report.md and report.html; SPUR_HOME/reports/latest points at the newest."
     ),
 )
 def metric_report(
@@ -88,12 +97,17 @@ def metric_report(
     raw_pairs: dict[str, ArtifactRef],
     synthetic_counterfactuals: ArtifactRef,
     base_checkpoint: ArtifactRef,
+    control_checkpoint: ArtifactRef,
     finetuned_checkpoint: ArtifactRef,
 ) -> dg.Output:
     device = resolve_device(settings.device)
     eval_set = EvalSet.of(batches_split(raw_pairs, "test"), synthetic_counterfactuals)
-    checkpoints = {"base": base_checkpoint, "finetuned": finetuned_checkpoint}
-    inputs = upstream_refs(raw_pairs, synthetic_counterfactuals, *checkpoints.values())
+    checkpoints = {"base": base_checkpoint, "control": control_checkpoint, "finetuned": finetuned_checkpoint}
+    if not control_enabled(control_checkpoint):
+        del checkpoints["control"]
+        context.log.warning("no control checkpoint (control_checkpoint enabled: false): gains cannot be attributed")
+    extra_models = parse_extra_models(config.extra_models, reserved=set(checkpoints))
+    inputs = upstream_refs(raw_pairs, synthetic_counterfactuals, base_checkpoint, control_checkpoint, finetuned_checkpoint)
     with recorded_materialization(context, settings, config, inputs=inputs, device=str(device)) as session:
         evaluations = {}
         for name, ref in checkpoints.items():
@@ -104,11 +118,21 @@ def metric_report(
                 bundle, eval_set, k=config.k, device=device, batch_size=config.batch_size,
                 progress=context.log.info, n_examples=config.n_examples, workers=config.workers, cache=cache,
             )
+        for name, location in extra_models.items():
+            context.log.info(f"scoring the extra model {name} ({location}) on {device}")
+            bundle = load_checkpoint(location, device=device)
+            evaluations[name] = evaluate_checkpoint(
+                bundle, eval_set, k=config.k, device=device, batch_size=config.batch_size,
+                progress=context.log.info, n_examples=config.n_examples, workers=config.workers,
+            )
         extra = {
             "lineage": {name: ref.materialization_id for name, ref in checkpoints.items()},
+            "extra_models": extra_models,
             "eval_set": synthetic_counterfactuals.materialization_id,
         }
-        written = write_report(evaluations, session.writer.path("report"), extra=extra)
+        written = write_report(
+            evaluations, session.writer.path("report"), extra=extra, bootstrap_resamples=config.bootstrap_resamples
+        )
         session.writer.add_dir("report", "report")
         session.writer.write_table("metric_report_per_pair", pl.DataFrame(_per_pair_rows(evaluations)))
     report_dir = Path(session.ref.output("report").uri)
@@ -137,17 +161,56 @@ def metric_report(
         "gain_odmap_t2i_10": tuned["odmap"]["t2i"][k] - base["odmap"]["t2i"][k],
         "per_pair": markdown_table(pl.DataFrame(_per_pair_rows(evaluations))),
     }
+    if "control" in evaluations:
+        control = evaluations["control"].metrics
+        metadata.update({
+            "control_odmap_i2t_10": control["odmap"]["i2t"][k],
+            "control_odmap_t2i_10": control["odmap"]["t2i"][k],
+            "control_hr_10": control["hr"][k],
+            "control_recall_i2t_5": control["recall"]["i2t"]["5"],
+            "control_recall_t2i_5": control["recall"]["t2i"]["5"],
+        })
+    gains = _report_json(report_dir).get("gains", {})
+    if gains:
+        metadata["gains"] = markdown_table(pl.DataFrame([
+            {"metric": metric, "comparison": comparison, "gain": row["gain"], "ci95_low": row["ci95"][0], "ci95_high": row["ci95"][1]}
+            for metric, by in gains.items() for comparison, row in by.items()
+            if row.get("gain") is not None and row.get("ci95") and None not in row["ci95"]
+        ]))
     for name, path in written.items():
         if str(path).endswith(".png"):
             metadata[f"plot_{name}"] = markdown_image(report_dir / Path(path).name, name)
     return session.output(metadata)
 
 
+def parse_extra_models(entries: list[str], reserved: set[str]) -> dict[str, str]:
+    """{name: location} from "name=path" or bare-path entries; ValueError on a clash or an empty entry."""
+    models: dict[str, str] = {}
+    for entry in entries:
+        name, sep, location = entry.partition("=")
+        if not sep:
+            location, name = entry, Path(entry.rstrip("/")).name
+        name, location = name.strip(), location.strip()
+        if not name or not location:
+            raise ValueError(f"metric_report extra_models entry {entry!r}: write 'name=path/to/save_pretrained' or a path")
+        if name in reserved or name in models:
+            raise ValueError(
+                f"metric_report extra_models: the name {name!r} is taken (by {'a pipeline checkpoint' if name in reserved else 'another entry'}); "
+                "give it another with 'name=path'"
+            )
+        models[name] = location
+    return models
+
+
 def _per_pair_rows(evaluations) -> list[dict]:
     return [{"checkpoint": name, **row} for name, ev in evaluations.items() for row in ev.per_pair]
 
 
-def _verdict_line(report_dir: Path) -> str:
+def _report_json(report_dir: Path) -> dict:
     import json
 
-    return str(json.loads((report_dir / "report.json").read_text()).get("verdict", ""))
+    return json.loads((report_dir / "report.json").read_text())
+
+
+def _verdict_line(report_dir: Path) -> str:
+    return str(_report_json(report_dir).get("verdict", ""))
