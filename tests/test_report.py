@@ -345,6 +345,13 @@ def test_verdict_names_what_the_counterfactuals_earned_and_did_not(tmp_path):
     flat = {"odmap_i2t": {"finetuned-control": {"gain": 0.01, "ci95": [-0.02, 0.04], "sd": 0.01, "n": 50}}}
     text = verdict(with_control, gains=flat)
     assert "earned none of the gains" in text and "Not attributable to them" in text and "Over-correction" not in text
+    assert "Standard retrieval below the control" not in text
+    # A recall the counterfactual training cost against the control is named; one within noise is not.
+    costly = {**flat, "recall_t2i_10": {"finetuned-control": {"gain": -0.047, "ci95": [-0.066, -0.027], "sd": 0.01, "n": 2500}},
+              "recall_i2t_5": {"finetuned-control": {"gain": -0.044, "ci95": [-0.096, 0.006], "sd": 0.02, "n": 500}}}
+    text = verdict(with_control, gains=costly)
+    assert "Standard retrieval below the control: R@10 t2i (-0.047, CI -0.066 to -0.027)" in text, text
+    assert "R@5 i2t" not in text.split("Standard retrieval below the control")[1]
 
 
 def test_shape_check_accepts_new_keys_and_names_bad_gains():

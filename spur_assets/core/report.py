@@ -63,6 +63,7 @@ CHECKPOINT_ORDER = ("base", "control", "finetuned")  # shown first, in this orde
 TUNED, CONTROL = "finetuned", "control"
 # Gains the counterfactuals are meant to earn; the verdict names which they did over the control.
 EARNED_METRICS = ("odmap_i2t", "odmap_t2i", "hr", "pairwise_i2t", "pairwise_t2i")
+RECALL_METRICS = tuple(f"recall_{d}_{r}" for d in ("i2t", "t2i") for r in (1, 5, 10))
 # Over-correction guards: fine-tuned falling below the control here is named in the verdict.
 OVERCORRECTION_METRICS = ("b_mention_rate", "recall_i2t_5_with_b")
 PER_QUERY_FILE = "per_query.parquet"
@@ -355,6 +356,15 @@ def _attribution_text(gains: Mapping, k: int) -> str:
     if worse:
         text += " Over-correction: on unedited images that show b, finetuned falls below the control in " + ", ".join(
             f"{_label(m, k, short=True)} ({_ci_text(gains[m][against])})" for m in worse
+        ) + "."
+    # Standard retrieval the counterfactual training cost, measured against the same amount of plain training.
+    costs = [
+        m for m in RECALL_METRICS
+        if isinstance(gains.get(m), Mapping) and against in gains[m] and _worsens(gains[m][against], better_direction(m))
+    ]
+    if costs:
+        text += " Standard retrieval below the control: " + ", ".join(
+            f"{_label(m, k, short=True)} ({_ci_text(gains[m][against])})" for m in costs
         ) + "."
     return text
 
