@@ -113,7 +113,7 @@ def test_a_small_training_split_is_decoded_once_into_memory_a_large_one_streams(
     images, paths, captions, caption_image = task
     files = ImageFiles.of(paths, ImagePreprocessing.square(16))
     pixels_mb = len(paths) * 3 * 16 * 16 / 2**20
-    decoded = decoded_in_memory(files, budget_mb=pixels_mb, workers=1)  # exactly fits
+    decoded = decoded_in_memory(files, budget_mb=pixels_mb)  # exactly fits
     assert isinstance(decoded, torch.Tensor) and torch.equal(decoded, images)
     assert decoded_in_memory(files, budget_mb=pixels_mb * 0.99) is files  # one byte too many: streamed
     assert decoded_in_memory(files, budget_mb=0) is files  # 0 = always stream

@@ -94,8 +94,11 @@ def _image_path_note(images: ImageFiles, in_memory_mb: int, workers: int) -> str
     """How training will read its images, for the log."""
     channels, height, width = images.image_shape
     megabytes = len(images) * channels * height * width / 2**20
-    how = "decoded once and kept in memory" if in_memory_mb > 0 and megabytes <= in_memory_mb else "streamed from their files step by step"
-    return f"{megabytes:.0f} MiB of prepared pixels, {how} ({workers} decoding process(es); in_memory_mb={in_memory_mb})"
+    if in_memory_mb > 0 and megabytes <= in_memory_mb:
+        how = f"decoded once on the training thread and kept in memory (in_memory_mb={in_memory_mb})"
+    else:
+        how = f"streamed from their files step by step by {workers} decoding process(es) (over in_memory_mb={in_memory_mb})"
+    return f"{megabytes:.0f} MiB of prepared pixels, {how}"
 
 
 def _log_progress(context: dg.AssetExecutionContext):
