@@ -309,7 +309,7 @@ def test_report_with_a_control_shows_what_the_counterfactuals_earned(tmp_path):
     assert rows["ODmAP@10 image→text (macro)"].endswith("| +0.100 [+0.100, +0.100] | yes |")
     assert rows["ODmAP@10 text→image (macro)"].endswith("| no |")
     assert rows["HR@10 on I⁻ᵇ (lower is better)"].endswith("| yes |")
-    assert rows["b-mention rate@10 on unedited images showing b"].endswith("| no |")
+    assert rows["b-mention rate@10 on unedited images showing b"].endswith("| no: worse |")  # over-correction shown
     assert "<h2>What the counterfactuals earned</h2>" in paths["html"].read_text()
 
     import polars as pl

@@ -849,7 +849,8 @@ def _gains_table(document: dict) -> tuple[list[str], list[list[str]]] | None:
             elif entry is None or not _finite(entry.get("gain")):
                 row.append("n/a")
             else:
-                row.append("yes" if _improves(entry, direction) else "no")
+                # "no" alone would hide a loss: a CI wholly on the worsening side says so.
+                row.append("yes" if _improves(entry, direction) else "no: worse" if _worsens(entry, direction) else "no")
         rows.append(row)
     return header, rows
 
@@ -901,7 +902,8 @@ DEFINITIONS = (
 EARNED_NOTE = (
     "Gains of the fine-tuned checkpoint with 95% paired bootstrap CIs over eval queries. "
     "“attributable?” is yes when the CI of fine-tuned − control lies wholly on the improving side of 0 "
-    "(below 0 for HR@k): the counterfactuals, not the fine-tuning itself, earned it."
+    "(below 0 for HR@k): the counterfactuals, not the fine-tuning itself, earned it; “no: worse” when it "
+    "lies wholly on the other side (the fine-tune is worse than the same training on originals)."
 )
 
 
