@@ -18,7 +18,7 @@ from spur_assets.core.recipes import PRETRAINED_RECIPE
 from spur_assets.pipeline.counterfactual_assets import batch_counterfactuals, synthetic_counterfactuals
 from spur_assets.pipeline.expose import spurious_features
 from spur_assets.pipeline.ingest import batches, raw_pairs
-from spur_assets.pipeline.model_assets import base_checkpoint, finetuned_checkpoint
+from spur_assets.pipeline.model_assets import base_checkpoint, control_checkpoint, finetuned_checkpoint
 from spur_assets.pipeline.pipes import PIPES_SUBPROCESS_KEY, pipes_subprocess_client
 from spur_assets.pipeline.refs_io_manager import ArtifactRefIOManager
 from spur_assets.pipeline.report_assets import metric_report
@@ -27,7 +27,7 @@ from spur_assets.pipeline.resources import SpurSettings
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 ASSETS = [raw_pairs, spurious_features, base_checkpoint, batch_counterfactuals, synthetic_counterfactuals,
-          finetuned_checkpoint, metric_report]
+          finetuned_checkpoint, control_checkpoint, metric_report]
 CONFIG = {
     "raw_pairs": {"workers": 1},
     "spurious_features": {"min_support": 5},
@@ -35,6 +35,7 @@ CONFIG = {
     "synthetic_counterfactuals": {"workers": 1, "train_removal_per_pair": 6, "train_paste_per_pair": 6},
     # The pretrained recipe, cut to 3 steps of 24 pairs computed 8 rows at a time.
     "finetuned_checkpoint": {"max_steps": 3, "batch_size": 24, "micro_batch_size": 8, "workers": 2, "in_memory_mb": 0},  # streamed
+    "control_checkpoint": {"workers": 1, "in_memory_mb": 0},  # the fine-tune's 3 steps on originals, streamed
     "metric_report": {"workers": 1},
 }
 
@@ -66,6 +67,8 @@ def test_pretrained_base_on_coco_layout_jpegs_streams_finetunes_and_caches_embed
         materialize([batch_counterfactuals], "coco")
         materialize([synthetic_counterfactuals])
         tuned = materialize([finetuned_checkpoint]).asset_materializations_for_node("finetuned_checkpoint")[0].metadata
+        control = materialize([control_checkpoint]).asset_materializations_for_node("control_checkpoint")[0].metadata
+        assert control["optimizer_steps"].value == tuned["optimizer_steps"].value == 3
         first = materialize([metric_report])
         first_logs = [e.message for e in instance.all_logs(first.run_id) if e.message]
         report_one = json.loads((home / "reports" / "latest" / "report.json").read_text())
@@ -84,10 +87,10 @@ def test_pretrained_base_on_coco_layout_jpegs_streams_finetunes_and_caches_embed
     assert counts["test_images"] == 60 and counts["removal_queries"] > 0
     # First report: everything embedded, nothing from the cache; second: everything from the cache.
     image_lines = [m for m in first_logs if "images (test, removal, control): 0 from the embedding cache" in m]
-    assert len(image_lines) == 2 and all(m.endswith(" embedded") for m in image_lines), image_lines
+    assert len(image_lines) == 3 and all(m.endswith(" embedded") for m in image_lines), image_lines
     cache_lines = [m for m in second_logs if "from the embedding cache" in m]
-    assert len(cache_lines) == 4  # images (one pass) and captions, for two checkpoints
+    assert len(cache_lines) == 6  # images (one pass) and captions, for base, control and fine-tuned
     assert all(m.endswith(", 0 embedded") for m in cache_lines), cache_lines
     assert report_two["checkpoints"] == report_one["checkpoints"]  # cached rows are the computed rows
     sizes = cache_stats(home / "cache" / "embeddings")
-    assert len(sizes["checkpoints"]) == 2  # base and fine-tuned, each under its own key
+    assert len(sizes["checkpoints"]) == 3  # base, control and fine-tuned, each under its own key
