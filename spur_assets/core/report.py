@@ -349,23 +349,19 @@ def _attribution_text(gains: Mapping, k: int) -> str:
         text += " Not attributable to them (no better than the same fine-tuning on originals): " + ", ".join(
             f"{_label(m, k, short=True)} ({_ci_text(entries[m])})" for m in missed
         ) + "."
-    worse = [
-        m for m in OVERCORRECTION_METRICS
-        if isinstance(gains.get(m), Mapping) and against in gains[m] and _worsens(gains[m][against], better_direction(m))
-    ]
-    if worse:
-        text += " Over-correction: on unedited images that show b, finetuned falls below the control in " + ", ".join(
-            f"{_label(m, k, short=True)} ({_ci_text(gains[m][against])})" for m in worse
-        ) + "."
+    def below_control(metrics: Sequence[str], heading: str) -> str:
+        """A sentence naming the metrics whose CI against the control lies wholly on the worsening side."""
+        worse = [
+            m for m in metrics
+            if isinstance(gains.get(m), Mapping) and against in gains[m] and _worsens(gains[m][against], better_direction(m))
+        ]
+        if not worse:
+            return ""
+        return f" {heading} " + ", ".join(f"{_label(m, k, short=True)} ({_ci_text(gains[m][against])})" for m in worse) + "."
+
+    text += below_control(OVERCORRECTION_METRICS, "Over-correction: on unedited images that show b, finetuned falls below the control in")
     # Standard retrieval the counterfactual training cost, measured against the same amount of plain training.
-    costs = [
-        m for m in RECALL_METRICS
-        if isinstance(gains.get(m), Mapping) and against in gains[m] and _worsens(gains[m][against], better_direction(m))
-    ]
-    if costs:
-        text += " Standard retrieval below the control: " + ", ".join(
-            f"{_label(m, k, short=True)} ({_ci_text(gains[m][against])})" for m in costs
-        ) + "."
+    text += below_control(RECALL_METRICS, "Standard retrieval below the control:")
     return text
 
 
