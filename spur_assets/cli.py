@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+BUILTIN_BATCH_PREVIEW = "preview"
 
 
 def _prepare_environment(home: str | None) -> Path:
@@ -43,17 +44,25 @@ def load_definitions():
     return module.defs
 
 
-def _resolve_batch(spur_home: Path, dataset: str | None, batch: str | None) -> str:
-    from spur_assets.core.batches import BUILTIN_BATCH, batch_id_for_manifest, register_batch, validate_batch_id
+def _resolve_batch(spur_home: Path, dataset: str | None, batch: str | None, replace: bool, allowed_roots) -> tuple[str, str]:
+    """(batch id, manifest path or "") for this run. Nothing is registered here: raw_pairs registers on success."""
+    from spur_assets.core.batches import BUILTIN_BATCH, batch_id_for_manifest, batch_taken_error, registered_manifest, validate_batch_id
     from spur_assets.core.coco_ingest import read_manifest
 
     dataset = dataset or os.environ.get("SPUR_DATASET") or None
+    try:
+        if batch:
+            validate_batch_id(batch)
+    except ValueError as error:
+        raise SystemExit(f"spur: error: --batch: {error}") from None
     if dataset is None:
-        return validate_batch_id(batch or BUILTIN_BATCH)
-    manifest = read_manifest(Path(dataset).expanduser().resolve())
-    key = validate_batch_id(batch) if batch else batch_id_for_manifest(manifest.path, manifest.name)
-    register_batch(spur_home, key, manifest.path)
-    return key
+        return batch or BUILTIN_BATCH, ""
+    manifest = read_manifest(Path(dataset).expanduser().resolve(), allowed_roots)
+    key = batch or batch_id_for_manifest(manifest.path, manifest.name)
+    earlier = registered_manifest(spur_home, key)
+    if earlier is not None and earlier != manifest.path and not replace:
+        raise batch_taken_error(manifest.path, key, f"it is registered for {earlier}")
+    return key, str(manifest.path)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -62,8 +71,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from spur_assets.pipeline.ingest import batches
 
+    from spur_assets.pipeline.resources import settings_from_environment
+
+    if args.allow_root:
+        roots = [str(Path(root).expanduser().resolve()) for root in args.allow_root]
+        os.environ["SPUR_ALLOWED_ROOTS"] = os.pathsep.join(filter(None, [os.environ.get("SPUR_ALLOWED_ROOTS", ""), *roots]))
     defs = load_definitions()
-    key = _resolve_batch(spur_home, args.dataset, args.batch)
+    key, manifest = _resolve_batch(
+        spur_home, args.dataset, args.batch, args.replace, settings_from_environment().allowed_root_paths
+    )
     # Two `spur run` processes on a new DAGSTER_HOME would both create the SQLite schema
     # ("table runs already exists"); the first one to take the lock creates it.
     with _exclusive_lock(Path(os.environ["DAGSTER_HOME"]) / ".spur-instance.lock"):
@@ -84,6 +100,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     unpartitioned = selected - partitioned
 
     run_config = _read_run_config(args.config)
+    if manifest or args.replace:
+        ingest = run_config.setdefault("ops", {}).setdefault("raw_pairs", {}).setdefault("config", {})
+        if manifest:
+            ingest["manifest"] = manifest
+        if args.replace:
+            ingest["replace"] = True
     started = time.monotonic()
     from spur_assets.pipeline.ingest import raw_pairs
 
@@ -109,11 +131,29 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise_on_error=False,
         )
         if not result.success:
+            for line in _dataset_errors(result):
+                print(f"spur: error: {line}", file=sys.stderr)
             print(f"[spur] run {result.run_id} failed; see the error above or the run in the UI", file=sys.stderr)
             return 1
     elapsed = time.monotonic() - started
     _print_where_results_are(spur_home, elapsed)
     return 0
+
+
+def _dataset_errors(result) -> list[str]:
+    """The DatasetError messages of a failed run's steps (one line each: file, record, field, what to do)."""
+    lines = []
+    for event in result.all_events:
+        if not event.is_step_failure or event.step_failure_data is None:
+            continue
+        error = event.step_failure_data.error
+        while error is not None:
+            if error.cls_name == "DatasetError":
+                message = error.message.strip().removeprefix("spur_assets.core.errors.DatasetError: ")
+                lines.append(" ".join(message.split()))
+                break
+            error = error.cause
+    return lines
 
 
 @contextlib.contextmanager
@@ -242,12 +282,14 @@ def _print_inputs(store, materialization_id: str, as_json: bool) -> int:
 
 def cmd_dataset(args: argparse.Namespace) -> int:
     from spur_assets.core.builtin_dataset import BuiltinDatasetSpec, generate_builtin_dataset
+    from spur_assets.core.coco_ingest import load_batch
     from spur_assets.core.contact_sheet import draw_contact_sheet
 
     spec = BuiltinDatasetSpec(seed=args.seed, n_train=args.n_train, n_test=args.n_test, image_size=args.image_size)
     started = time.monotonic()
     manifest = generate_builtin_dataset(Path(args.out), spec, workers=args.workers)
-    sheet = draw_contact_sheet(manifest, "train", Path(args.out) / "contact_sheet.png")
+    tables = load_batch(manifest, BUILTIN_BATCH_PREVIEW, workers=args.workers)
+    sheet = draw_contact_sheet(tables, "train", Path(args.out) / "contact_sheet.png", title=manifest.parent.name)
     print(f"wrote {manifest} in {time.monotonic() - started:.1f} s; contact sheet: {sheet}")
     return 0
 
@@ -262,6 +304,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch", help="batch id (partition key); default: the manifest's name, or 'builtin'")
     run.add_argument("--select", help="comma-separated asset selections, e.g. 'raw_pairs,spurious_features' or '*spurious_features'")
     run.add_argument("--config", help="YAML run config, as in the launchpad: {ops: {raw_pairs: {config: {...}}}}")
+    run.add_argument(
+        "--replace", action="store_true",
+        help="replace a batch id that already holds other data (the earlier version stays in lineage)",
+    )
+    run.add_argument(
+        "--allow-root", action="append", default=[], metavar="DIR",
+        help="a folder the dataset may read from besides its own (e.g. a shared COCO copy); repeatable; "
+        "adds to $SPUR_ALLOWED_ROOTS",
+    )
     run.set_defaults(func=cmd_run)
 
     lineage = sub.add_parser("lineage", help="audit lineage stored in SPUR_HOME/lineage.duckdb")
@@ -302,7 +353,14 @@ def main(argv: list[str] | None = None) -> int:
         args.n_train = args.n_train or defaults.n_train
         args.n_test = args.n_test or defaults.n_test
         args.image_size = args.image_size or defaults.image_size
-    return args.func(args)
+    from spur_assets.core.errors import DatasetError
+
+    try:
+        return args.func(args)
+    except DatasetError as error:
+        # Bad input is the user's to fix: one readable line (file, record, field, what to do), no traceback.
+        print(f"spur: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -74,3 +74,29 @@ def test_bad_dataset_error_names_file_and_record(tmp_path, manifests):
     assert run.returncode == 1
     text = run.stdout + run.stderr
     assert broken.file.name in text and str(broken.record) in text
+    # and once more at the end, as one line a user reads without the run's log above it
+    errors = [line for line in run.stderr.splitlines() if line.startswith("spur: error: ")]
+    assert len(errors) == 1 and broken.file.name in errors[0] and f"record {broken.record}" in errors[0]
+    assert not (home := tmp_path / "home" / "batches").exists() or not list(home.iterdir())  # nothing registered
+
+
+@pytest.mark.parametrize(
+    "manifest_text, field",
+    [
+        ("name: x\nsplits: [unclosed\n", None),  # malformed YAML
+        ("name: x\nsplits:\n  train: {images: /, captions: a.json, instances: b.json}\n", "splits.train.images"),
+        ("name: x\nsplits:\n  train: {images: \"a\\0b\", captions: a.json, instances: b.json}\n", "splits.train.images"),
+    ],
+    ids=["malformed-yaml", "images-folder-is-root", "nul-in-path"],
+)
+def test_a_bad_manifest_is_one_readable_line_not_a_traceback(tmp_path, manifest_text, field):
+    # Manifest errors once printed as a raw traceback from the CLI.
+    manifest = tmp_path / "data" / "dataset.yaml"
+    manifest.parent.mkdir()
+    manifest.write_text(manifest_text)
+    run = subprocess.run([SPUR, "run", "--dataset", str(manifest)], env=_env(tmp_path / "home"),
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert "Traceback" not in run.stderr and run.stderr.count("\n") == 1, run.stderr
+    assert run.stderr.startswith(f"spur: error: {manifest}")
+    assert field is None or f"field '{field}'" in run.stderr

@@ -177,14 +177,18 @@ def test_a_batch_may_carry_only_one_split(manifest):
     assert set(result.categories["split"]) == {"test"}
 
 
-def test_the_images_folder_itself_may_be_a_symlink(manifest, tmp_path):
-    # Common with COCO: train2017 linked in from a big disk. Files inside it are not "outside".
+def test_an_images_folder_linked_from_elsewhere_needs_its_root_allowed(manifest, tmp_path):
+    # Common with COCO: train2017 linked in from a big disk. Outside the batch folder, so refused
+    # unless the user names that disk as an allowed root; files inside it are then not "outside".
     images = manifest.parent / "train2017"
     moved = tmp_path / "big-disk" / "train2017"
     moved.parent.mkdir()
     images.rename(moved)
     images.symlink_to(moved, target_is_directory=True)
-    result = load_batch(manifest, batch="b1")
+    with pytest.raises(DatasetError) as refused:
+        load_batch(manifest, batch="b1")
+    assert refused.value.field == "splits.train.images" and "outside the batch folder" in refused.value.problem
+    result = load_batch(manifest, batch="b1", allowed_roots=[tmp_path / "big-disk"])
     assert _ids(result.images, "image_id", "train") == fixture_ids("train")[0]
     assert all(path.startswith(str(moved.resolve())) for path in result.images.filter(pl.col("split") == "train")["path"])
 
@@ -301,9 +305,9 @@ def test_an_image_path_leaving_its_folder_is_never_read(manifest, kind, monkeypa
     read: list[Path] = []
     original = coco_ingest._inspect_image_file
 
-    def spy(path: Path):
+    def spy(path: Path, *limits):
         read.append(path)
-        return original(path)
+        return original(path, *limits)
 
     monkeypatch.setattr(coco_ingest, "_inspect_image_file", spy)
     corrupt(manifest, kind)

@@ -1,4 +1,4 @@
-"""Contact sheet: size, letterboxing, mask outlines where pycocotools puts the masks, captions drawn."""
+"""Contact sheet: size, letterboxing, mask outlines where pycocotools puts the masks, captions drawn, only validated records."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from spur_assets.core.builtin_dataset import BuiltinDatasetSpec, generate_builtin_dataset
+from spur_assets.core.coco_ingest import load_batch
 from spur_assets.core.contact_sheet import draw_contact_sheet, sheet_size
 from spur_assets.core.errors import DatasetError
 
@@ -69,7 +70,7 @@ def test_sheet_size_is_the_documented_grid():
 
 def test_outlines_sit_on_the_masks_and_captions_are_written(tmp_path):
     manifest = write_dataset(tmp_path / "data")
-    out = draw_contact_sheet(manifest, "test", tmp_path / "sheet.png", n=12, columns=4)
+    out = draw_contact_sheet(load_batch(manifest, "t"), "test", tmp_path / "sheet.png", n=12, columns=4)
     sheet = np.asarray(Image.open(out).convert("RGB"))
     assert sheet.shape == (401, 408, 3)  # two images -> two columns, one row
     # First tile: 40x20 shown as 192x96, centred vertically (48 px white above and below).
@@ -94,15 +95,30 @@ def test_outlines_sit_on_the_masks_and_captions_are_written(tmp_path):
 
 def test_builtin_dataset_sheet_has_the_expected_size(tmp_path):
     manifest = generate_builtin_dataset(tmp_path / "builtin", BuiltinDatasetSpec(n_train=10, n_test=5))
-    out = draw_contact_sheet(manifest, "train", tmp_path / "sheet.png", n=6, seed=1)
+    out = draw_contact_sheet(load_batch(manifest, "b"), "train", tmp_path / "sheet.png", n=6, seed=1)
     assert Image.open(out).size == (808, 770)
 
 
-def test_unknown_split_and_escaping_paths_are_refused(tmp_path):
+def test_a_split_without_images_is_refused(tmp_path):
+    tables = load_batch(write_dataset(tmp_path / "data"), "t")
+    with pytest.raises(DatasetError, match="no image in split 'train'"):
+        draw_contact_sheet(tables, "train", tmp_path / "sheet.png")
+
+
+@pytest.mark.parametrize("segmentation", [[[8, 4, float("nan"), 4, 16, 12, 8, 12]], [[8, 4, 16, 4], [8, 4, 16, 4, 16, 12, 8, 12]]])
+def test_only_validated_records_are_drawn(tmp_path, segmentation):
+    # A quarantined polygon with a NaN once drove pycocotools to 21 GB through the raw JSON; a
+    # first polygon part of 2 vertices passed validation (skipped there) but was misread as a box.
     manifest = write_dataset(tmp_path / "data")
-    with pytest.raises(DatasetError, match="no split 'train'"):
-        draw_contact_sheet(manifest, "train", tmp_path / "sheet.png")
-    Image.new("RGB", (40, 20), GREY).save(tmp_path / "outside.png")
-    escaping = write_dataset(tmp_path / "escaping", first_file_name="../../outside.png")
-    with pytest.raises(DatasetError, match="outside"):
-        draw_contact_sheet(escaping, "test", tmp_path / "sheet.png")
+    instances = json.loads((manifest.parent / "instances.json").read_text())
+    instances["annotations"][0]["segmentation"] = segmentation
+    (manifest.parent / "instances.json").write_text(json.dumps(instances))
+    tables = load_batch(manifest, "t", on_bad_record="quarantine")
+    kept = set(tables.instances["annotation_id"].to_list())
+    out = draw_contact_sheet(tables, "test", tmp_path / "sheet.png")
+    tile = np.asarray(Image.open(out).convert("RGB"))[24 : 24 + 192, 8 : 8 + 192]
+    square_edge = [tuple(tile[y, 68]) for y in range(48 + 18, 48 + 22)]
+    if 1 in kept:  # the short first part is skipped: the square is drawn from the valid part
+        assert tables.quarantine.height == 0 and any(saturated(p) for p in square_edge)
+    else:  # the NaN polygon is quarantined and never drawn
+        assert tables.quarantine["record"].to_list() == ["1"] and not any(saturated(p) for p in square_edge)

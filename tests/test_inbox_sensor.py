@@ -68,14 +68,16 @@ def test_sensor_requests_each_ready_batch_once(tmp_path, fixture_manifest):
         skipped, cursor = _tick(instance, settings, cursor)
         assert isinstance(skipped, dg.SkipReason) and f"without {READY_MARKER}" in skipped.skip_message
 
-        # marked complete: one partition, one run with the batch id as run key, the manifest registered
+        # marked complete: one partition, one run with the batch id as run key and the manifest in
+        # its run config; registered only by raw_pairs once the batch is stored
         (half / READY_MARKER).write_text("")
         result, cursor = _tick(instance, settings, cursor)
         assert [r.run_key for r in result.run_requests] == ["batch-1"]
         assert [r.partition_key for r in result.run_requests] == ["batch-1"]
         assert [k.to_user_string() for k in result.run_requests[0].asset_selection] == ["raw_pairs"]
         assert [list(r.partition_keys) for r in result.dynamic_partitions_requests] == [["batch-1"]]
-        assert registered_manifest(home, "batch-1") == (half / "dataset.yaml").resolve()
+        assert result.run_requests[0].run_config["ops"]["raw_pairs"]["config"]["manifest"] == str((half / "dataset.yaml").resolve())
+        assert registered_manifest(home, "batch-1") is None
         _apply_partition_requests(instance, result)
 
         # the next tick, with that cursor, launches nothing; a second batch launches only itself

@@ -8,7 +8,7 @@ import duckdb
 import polars as pl
 import pytest
 
-from spur_assets.core.batches import register_batch
+from spur_assets.core.batches import register_batch, registered_manifest
 from spur_assets.pipeline.expose import spurious_features
 from spur_assets.pipeline.ingest import batches, raw_pairs
 from spur_assets.pipeline.refs_io_manager import ArtifactRefIOManager
@@ -140,3 +140,73 @@ def test_unknown_batch_says_how_to_register(tmp_path, instance):
     assert not result.success
     failure = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"][0]
     assert "spur run --dataset" in str(failure.event_specific_data.error)
+
+
+def _config(manifest, **extra) -> dict:
+    return {"ops": {"raw_pairs": {"config": {"manifest": str(manifest), **extra}}}}
+
+
+def _failure_error(result):
+    failure = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"][0]
+    error = failure.event_specific_data.error
+    while error.cause is not None and error.cls_name != "DatasetError":
+        error = error.cause
+    return error
+
+
+def test_a_batch_id_holding_other_data_is_refused_unless_replaced(tmp_path, instance, fixture_manifest):
+    # Re-ingesting different data under an existing id once replaced it without a word.
+    home = tmp_path / "home"
+    first = copy_fixture(fixture_manifest, tmp_path / "first")
+    instance.add_dynamic_partitions(batches.name, ["fx"])
+    assert _materialize(instance, home, [raw_pairs.key], partition="fx", run_config=_config(first)).success
+    assert registered_manifest(home, "fx") == first.resolve()
+    # the same data again (same manifest): accepted, a new materialization of equal content
+    assert _materialize(instance, home, [raw_pairs.key], partition="fx", run_config=_config(first)).success
+
+    second = copy_fixture(fixture_manifest, tmp_path / "second")
+    refused = _materialize(instance, home, [raw_pairs.key], partition="fx", run_config=_config(second), raise_on_error=False)
+    error = _failure_error(refused)
+    assert error.cls_name == "DatasetError" and "field 'batch'" in error.message and "registered for" in error.message
+    # the registry still names the first manifest; then different content at the registered path
+    assert registered_manifest(home, "fx") == first.resolve()
+    captions = first.parent / "annotations" / "captions_train2017.json"
+    captions.write_text(captions.read_text().replace('"caption": "', '"caption": "edited: ', 1))
+    changed = _materialize(instance, home, [raw_pairs.key], partition="fx", raise_on_error=False)
+    error = _failure_error(changed)
+    assert error.cls_name == "DatasetError" and "holds different data" in error.message and "--replace" in error.message
+    conn = _db(home)
+    assert conn.execute("select count(*) from materializations").fetchone()[0] == 2
+    assert not conn.execute("select count(*) from raw_captions where caption like 'edited: %'").fetchone()[0]
+    earlier = conn.execute("select materialization_id from materializations order by ended_at").fetchall()
+    conn.close()
+
+    replaced = _materialize(instance, home, [raw_pairs.key], partition="fx", run_config=_config(second, replace=True))
+    assert replaced.success and registered_manifest(home, "fx") == second.resolve()
+    conn = _db(home)
+    # the earlier versions stay addressable in lineage, their artifacts on disk
+    ids = {r[0] for r in conn.execute("select materialization_id from materializations").fetchall()}
+    assert {r[0] for r in earlier} < ids and len(ids) == 3
+    outputs = conn.execute(
+        "select o.uri from materializations m, unnest(m.outputs) t(o) where m.materialization_id = ? and o.name = 'raw_captions'",
+        [earlier[0][0]],
+    ).fetchall()
+    conn.close()
+    assert Path(outputs[0][0]).is_file()
+
+
+def test_a_failed_ingest_leaves_the_registry_as_it_was(tmp_path, instance, fixture_manifest):
+    # A failed ingest once overwrote batches/<id>.json, so the good batch could no longer be re-run.
+    home = tmp_path / "home"
+    good = copy_fixture(fixture_manifest, tmp_path / "good")
+    instance.add_dynamic_partitions(batches.name, ["fx"])
+    assert _materialize(instance, home, [raw_pairs.key], partition="fx", run_config=_config(good)).success
+    entry = (home / "batches" / "fx.json").read_text()
+    bad = copy_fixture(fixture_manifest, tmp_path / "bad")
+    corrupt(bad, "truncated_image")
+    result = _materialize(
+        instance, home, [raw_pairs.key], partition="fx", run_config=_config(bad, replace=True), raise_on_error=False
+    )
+    assert not result.success and _failure_error(result).cls_name == "DatasetError"
+    assert (home / "batches" / "fx.json").read_text() == entry
+    assert _materialize(instance, home, [raw_pairs.key], partition="fx").success  # the good batch re-runs by id

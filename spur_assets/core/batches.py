@@ -8,11 +8,15 @@ The batch ``builtin`` needs no registration: it is generated on demand.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import unicodedata
 from datetime import datetime, timezone
 from pathlib import Path
+
+from spur_assets.core.errors import DatasetError
 
 BUILTIN_BATCH = "builtin"
 _BATCH_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -29,18 +33,37 @@ def validate_batch_id(batch: str) -> str:
 
 
 def batch_id_for_manifest(manifest: Path, name: str) -> str:
-    """A batch id derived from a manifest's ``name`` (or its folder name), made safe."""
-    raw = name or manifest.resolve().parent.name
-    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", raw).strip("-._") or "batch"
-    return validate_batch_id(cleaned[:128])
+    """A batch id derived from a manifest's ``name`` (or its folder name), made safe.
+
+    A name that is already a safe id is used as it is. Any other name is transliterated
+    (accents dropped), unsafe characters become '-', and 8 hex digits of the name's sha256
+    are appended, so two names never share an id because characters were dropped
+    ("Café" -> "Cafe-<hash>", and a name of only non-Latin letters -> "batch-<hash>").
+    """
+    raw = name or Path(manifest).resolve().parent.name
+    try:
+        return validate_batch_id(raw)
+    except ValueError:
+        pass
+    ascii_name = unicodedata.normalize("NFKD", raw).encode("ascii", "ignore").decode("ascii")
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", ascii_name).strip("-._")[:110] or "batch"
+    digest = hashlib.sha256(raw.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return validate_batch_id(f"{cleaned}-{digest}")
 
 
-def register_batch(home: Path, batch: str, manifest: Path) -> Path:
-    """Record that ``batch`` is read from ``manifest``; returns the registry file."""
+def register_batch(home: Path, batch: str, manifest: Path, replace: bool = False) -> Path:
+    """Record that ``batch`` is read from ``manifest``; returns the registry file.
+
+    An id registered for a different manifest is refused (DatasetError naming the
+    ``batch`` field) unless ``replace`` is set: two datasets never share an id silently.
+    """
     validate_batch_id(batch)
     manifest = Path(manifest).resolve()
     if not manifest.is_file():
         raise FileNotFoundError(f"batch {batch!r}: manifest {manifest} does not exist")
+    earlier = registered_manifest(home, batch)
+    if earlier is not None and earlier != manifest and not replace:
+        raise batch_taken_error(manifest, batch, f"it is registered for {earlier}")
     registry = Path(home) / "batches"
     registry.mkdir(parents=True, exist_ok=True)
     entry = registry / f"{batch}.json"
@@ -53,6 +76,17 @@ def register_batch(home: Path, batch: str, manifest: Path) -> Path:
     )
     os.replace(staged, entry)
     return entry
+
+
+def batch_taken_error(manifest: Path, batch: str, why: str) -> DatasetError:
+    """The refusal for data that would silently replace another batch under the same id."""
+    return DatasetError(
+        manifest, None, "batch",
+        f"batch id {batch!r} is already taken: {why}; refused so that neither is lost",
+        "give this data its own id (`spur run --batch NEW_ID`, or a new inbox folder name), or replace "
+        "the batch on purpose with `spur run --replace` (raw_pairs config `replace: true`); the earlier "
+        "version stays in lineage",
+    )
 
 
 def registered_manifest(home: Path, batch: str) -> Path | None:

@@ -18,12 +18,15 @@ Images are never copied: the tables record each file's resolved path and sha256.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
+import os
+import reprlib
+import stat
+import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -82,6 +85,21 @@ QUARANTINE_SCHEMA = pl.Schema(
     {**_PARTITION, "file": pl.Utf8, "record": pl.Utf8, "field": pl.Utf8, "problem": pl.Utf8}
 )
 
+# Largest image accepted by default (width x height). Pillow warns only at 89 MP and refuses at
+# 179 MP; a 169 MP PNG can be a 0.5 MB file that decodes into 1.8 GB per thread.
+DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
+# COCO's JSON nests 5 deep (object > list > record > segmentation > polygon); anything far deeper
+# is refused before a parser recurses into it.
+MAX_NESTING = 64
+# A dataset.yaml is a few lines; a larger one is not a manifest.
+MAX_MANIFEST_BYTES = 1 << 20
+INT64_MAX = 2**63 - 1
+INT32_MAX = 2**31 - 1
+_CONFINE_HINT = (
+    "keep a batch's images and annotation files inside its folder, or allow a shared data root "
+    "(SPUR_ALLOWED_ROOTS, or `spur run --allow-root DIR`)"
+)
+
 # Polygon vertices may sit on the far pixel edge (x == width) and annotation tools
 # round a little past it; beyond one pixel the polygon belongs to another image size.
 _POLYGON_TOLERANCE_PX = 1.0
@@ -116,32 +134,120 @@ class BatchTables:
     quarantine: pl.DataFrame
 
 
+def content_fingerprint(images: pl.DataFrame, captions: pl.DataFrame, instances: pl.DataFrame) -> str:
+    """sha256 over a batch's content: image bytes (their sha256), captions and instances, ids included.
+
+    Independent of where the files lie (the ``path`` column) and of the batch id, so two
+    ingests of the same data agree and any change to a record or a pixel differs. Row
+    hashes are Polars' and only comparable within one Polars version: compare
+    fingerprints computed in the same process, not stored ones.
+    """
+    digest = hashlib.sha256()
+    for frame, columns in (
+        (images, ["split", "image_id", "file_name", "width", "height", "sha256"]),
+        (captions, ["split", "caption_id", "image_id", "caption"]),
+        (instances, [c for c in INSTANCES_SCHEMA.names() if c != "batch"]),
+    ):
+        ordered = frame.select(columns).sort(columns[:2])
+        digest.update(f"{ordered.height}:{','.join(columns)}".encode())
+        for seed in (0, 1):  # two 64-bit row hashes: 128 bits per row
+            digest.update(ordered.hash_rows(seed=seed).to_numpy().tobytes())
+    return digest.hexdigest()
+
+
 # --------------------------------------------------------------------------- manifest
 
 
-def read_manifest(path: Path) -> DatasetManifest:
-    """Parse and check a ``dataset.yaml``.
-
-    Paths in it are relative to the manifest (absolute ones are taken as they are)
-    and come back resolved. Each split present must name an existing images folder
-    and existing captions and instances files. Raises DatasetError for a missing or
-    malformed file, a missing or mistyped key, an unknown split name or a missing path.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetError(path, None, None, "manifest file not found", "pass the path of an existing dataset.yaml")
+def _encodable(text: str) -> bool:
+    """True if ``text`` is valid Unicode (no lone surrogates, which JSON and YAML escapes can produce)."""
     try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_yaml_shape(path: Path, text: str) -> None:
+    """Refuse nesting deeper than MAX_NESTING and anchors/aliases before the recursive composer runs.
+
+    PyYAML's scanner and parser are iterative; only composing the document recurses.
+    """
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > MAX_NESTING:
+                line = event.start_mark.line + 1 if event.start_mark is not None else "?"
+                raise DatasetError(
+                    path, None, None, f"nested more than {MAX_NESTING} levels deep (line {line})",
+                    "a dataset.yaml is a flat `name:` and `splits:` mapping",
+                )
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
+        elif isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            raise DatasetError(
+                path, None, None, "uses YAML anchors or aliases", "write every value out; a dataset.yaml needs no references"
+            )
+
+
+def _load_manifest_document(path: Path) -> Any:
+    try:
+        size = path.stat().st_size
+        if size > MAX_MANIFEST_BYTES:
+            raise DatasetError(
+                path, None, None, f"is {size:,} bytes; a manifest has at most {MAX_MANIFEST_BYTES:,}",
+                "pass the dataset.yaml, not a data file",
+            )
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DatasetError(path, None, None, f"not UTF-8 text ({error})", "save the manifest as UTF-8") from error
+    except OSError as error:
+        raise DatasetError(path, None, None, f"cannot be read ({error})", "check the path and its permissions") from error
+    try:
+        _check_yaml_shape(path, text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise DatasetError(path, None, None, f"malformed YAML{where}: {error}", "fix the YAML syntax") from error
-    except UnicodeDecodeError as error:
-        raise DatasetError(path, None, None, f"not UTF-8 text ({error})", "save the manifest as UTF-8") from error
+        what = " ".join(filter(None, (getattr(error, "context", None), getattr(error, "problem", None)))) or str(error)
+        raise DatasetError(path, None, None, f"malformed YAML{where}: {' '.join(what.split())}", "fix the YAML syntax") from error
+    except (RecursionError, ValueError, OverflowError) as error:  # e.g. a timestamp or number out of range
+        raise DatasetError(path, None, None, f"cannot be read as YAML ({type(error).__name__}: {error})", "fix the YAML") from error
+
+
+def _key_label(key: Any) -> str:
+    """A manifest key as it can be printed in a field name (non-text keys and long ones shortened)."""
+    if isinstance(key, str) and _encodable(key) and len(key) <= 40:
+        return key
+    return reprlib.repr(key).encode("utf-8", "backslashreplace").decode("ascii")
+
+
+def _confined(target: Path, roots: Sequence[Path]) -> bool:
+    return any(target == root or target.is_relative_to(root) for root in roots)
+
+
+def read_manifest(path: Path, allowed_roots: Sequence[Path | str] = ()) -> DatasetManifest:
+    """Parse and check a ``dataset.yaml``.
+
+    Paths in it are relative to the manifest and come back resolved (symlinks followed).
+    Each split present must name an existing images folder and existing captions and
+    instances files, all resolving inside the manifest's folder or inside one of
+    ``allowed_roots`` (e.g. a shared COCO copy). Raises DatasetError for a missing,
+    oversized or malformed file, nesting or YAML references, a missing or mistyped key,
+    an unknown split name, a missing path or a path outside those folders.
+    """
+    path = Path(path)
+    try:
+        is_file = path.is_file()
+    except (OSError, ValueError) as error:
+        raise DatasetError(path, None, None, f"cannot be read ({error})", "pass the path of an existing dataset.yaml") from error
+    if not is_file:
+        raise DatasetError(path, None, None, "manifest file not found", "pass the path of an existing dataset.yaml")
+    document = _load_manifest_document(path)
     if not isinstance(document, dict):
         raise DatasetError(path, None, None, "the manifest is not a YAML mapping", "write `name:` and `splits:` keys")
     name = document.get("name")
-    if not isinstance(name, str) or not name.strip():
+    if not isinstance(name, str) or not name.strip() or not _encodable(name):
         raise DatasetError(path, None, "name", "missing or not a non-empty string", "add `name: <dataset name>`")
     splits = document.get("splits")
     if not isinstance(splits, dict) or not splits:
@@ -149,35 +255,42 @@ def read_manifest(path: Path) -> DatasetManifest:
             path, None, "splits", "missing or not a non-empty mapping", f"add `splits:` with one or both of {SPLIT_NAMES}"
         )
     base = path.resolve().parent
+    roots = [base, *(Path(root).expanduser().resolve() for root in allowed_roots)]
     parsed: dict[str, SplitFiles] = {}
     for split, entry in splits.items():
         if split not in SPLIT_NAMES:
             raise DatasetError(
-                path, None, f"splits.{split}", f"unknown split {split!r}", f"name splits only {' or '.join(SPLIT_NAMES)}"
+                path, None, f"splits.{_key_label(split)}", "unknown split", f"name splits only {' or '.join(SPLIT_NAMES)}"
             )
         if not isinstance(entry, dict):
             raise DatasetError(
                 path, None, f"splits.{split}", "not a mapping", "write `{images: DIR, captions: FILE, instances: FILE}`"
             )
-        unknown = sorted(set(entry) - set(_SPLIT_KEYS), key=str)
+        unknown = sorted(_key_label(key) for key in set(entry) - set(_SPLIT_KEYS))
         if unknown:
             raise DatasetError(
                 path, None, f"splits.{split}.{unknown[0]}", "unknown key", f"use only the keys {', '.join(_SPLIT_KEYS)}"
             )
         resolved: dict[str, Path] = {}
         for key in _SPLIT_KEYS:
+            where = f"splits.{split}.{key}"
             value = entry.get(key)
             if not isinstance(value, str) or not value.strip():
+                raise DatasetError(path, None, where, "missing or not a path string", "give a path relative to the manifest")
+            if "\x00" in value or not _encodable(value):
+                raise DatasetError(path, None, where, "the path contains a NUL or an invalid character", "give a plain path")
+            kind = "folder" if key == "images" else "file"
+            try:
+                target = (base / value).resolve()
+                exists = target.is_dir() if key == "images" else target.is_file()
+            except (OSError, RuntimeError, ValueError) as error:  # RuntimeError: a symlink loop on Python 3.11
+                raise DatasetError(path, None, where, f"{value!r} cannot be resolved ({error})", "fix the path") from None
+            if not _confined(target, roots):
                 raise DatasetError(
-                    path, None, f"splits.{split}.{key}", "missing or not a path string", "give a path relative to the manifest"
+                    path, None, where, f"{value!r} resolves to {target}, outside the batch folder {base}; refused", _CONFINE_HINT
                 )
-            target = (base / value).resolve()
-            exists = target.is_dir() if key == "images" else target.is_file()
             if not exists:
-                kind = "folder" if key == "images" else "file"
-                raise DatasetError(
-                    path, None, f"splits.{split}.{key}", f"{kind} {target} does not exist", "fix the path or add the data"
-                )
+                raise DatasetError(path, None, where, f"{kind} {target} does not exist", "fix the path or add the data")
             resolved[key] = target
         parsed[split] = SplitFiles(images_dir=resolved["images"], captions=resolved["captions"], instances=resolved["instances"])
     # Manifest order may differ from the canonical one; keep train before test everywhere.
@@ -242,7 +355,30 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
+def _finite_sum(values: list) -> bool:
+    """True if every number converts to a finite float (fsum runs in C: COCO has ~40M polygon coordinates)."""
+    try:
+        return math.isfinite(math.fsum(values))
+    except OverflowError:  # an integer too large for a float, or floats summing past the float range
+        return False
+
+
+def _is_text(value: Any) -> bool:
+    return isinstance(value, str) and _encodable(value)
+
+
+_short = reprlib.Repr()
+_short.maxstring = 60
+_short.maxother = 60
+_short.maxlevel = 2
 
 
 class _BadField(Exception):
@@ -268,9 +404,9 @@ def _segmentation_rle(segmentation: Any, height: int, width: int) -> dict:
         polygons = []
         for index, polygon in enumerate(segmentation):
             # set(map(type)) and sum() run in C: COCO train has ~40M polygon coordinates.
-            # A NaN or infinity anywhere makes the sum non-finite.
+            # A NaN, an infinity or an integer beyond the float range anywhere fails the sum.
             numeric = isinstance(polygon, list) and set(map(type, polygon)) <= {int, float}
-            if not numeric or not math.isfinite(sum(polygon)):
+            if not numeric or not _finite_sum(polygon):
                 raise _BadField(
                     f"{where}[{index}]", "a polygon must be a list of finite numbers", "write [x1, y1, x2, y2, ...]"
                 )
@@ -397,6 +533,7 @@ class _SplitRecords:
 
     split: str
     files: SplitFiles
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     images: dict[int, _ImageRecord] = field(default_factory=dict)
     dropped_images: set[int] = field(default_factory=set)
     captions: list[tuple[int, int, str]] = field(default_factory=list)  # caption_id, image_id, caption
@@ -407,8 +544,55 @@ class _SplitRecords:
     dropped_with_image: dict[int, Counter] = field(default_factory=dict)
 
 
+def _json_nesting_exceeds(path: Path, limit: int, chunk_bytes: int = 1 << 22) -> int | None:
+    """Byte offset where ``path``'s JSON first nests deeper than ``limit``, or None.
+
+    A vectorised pass over the bytes (brackets outside strings; a quote preceded by an odd
+    run of backslashes is escaped), carried across chunks, so no parser ever recurses into
+    a hostile file. About 0.1 s per 10 MB.
+    """
+    depth, in_string, backslashes, offset = 0, False, 0, 0
+    with path.open("rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            data = np.frombuffer(chunk, dtype=np.uint8)
+            index = np.arange(data.size, dtype=np.int64)
+            is_backslash = data == 0x5C
+            # Index of the last byte that is not a backslash, at or before each position.
+            last_plain = np.maximum.accumulate(np.where(is_backslash, -1, index))
+            quotes = np.flatnonzero(data == 0x22)
+            before = quotes - 1
+            run = np.where(before >= 0, before - last_plain[np.maximum(before, 0)], backslashes)
+            run = np.where((before >= 0) & (last_plain[np.maximum(before, 0)] < 0), quotes + backslashes, run)
+            real = np.zeros(data.size, dtype=np.int8)
+            real[quotes[run % 2 == 0]] = 1
+            parity = (np.cumsum(real, dtype=np.int64) + int(in_string)) % 2
+            outside = parity == 0
+            step = np.zeros(data.size, dtype=np.int64)
+            step[((data == 0x5B) | (data == 0x7B)) & outside] = 1
+            step[((data == 0x5D) | (data == 0x7D)) & outside] = -1
+            levels = np.cumsum(step) + depth
+            deeper = np.flatnonzero(levels > limit)
+            if deeper.size:
+                return offset + int(deeper[0])
+            depth = int(levels[-1])
+            in_string = bool(parity[-1])
+            tail = data.size - 1 - int(last_plain[-1])
+            backslashes = backslashes + tail if tail == data.size else tail
+            offset += data.size
+    return None
+
+
 def _read_json(path: Path) -> dict:
-    """Load a JSON object; malformed files raise DatasetError with json's line and column."""
+    """Load a JSON object; malformed or hostile files raise DatasetError (json's line and column when it has them)."""
+    try:
+        deep = _json_nesting_exceeds(path, MAX_NESTING)
+    except OSError as error:
+        raise DatasetError(path, None, None, f"cannot be read ({error})", "check the file and its permissions") from error
+    if deep is not None:
+        raise DatasetError(
+            path, None, None, f"JSON nested more than {MAX_NESTING} levels deep (at byte {deep:,})",
+            "COCO files nest 5 levels; repair or re-export the file",
+        )
     try:
         with path.open("rb") as handle:
             document = json.load(handle)
@@ -419,6 +603,10 @@ def _read_json(path: Path) -> dict:
         ) from error
     except UnicodeDecodeError as error:
         raise DatasetError(path, None, None, f"not UTF-8 JSON ({error})", "re-export the file as UTF-8") from error
+    except (ValueError, RecursionError) as error:  # e.g. an integer literal of more than 4300 digits
+        raise DatasetError(path, None, None, f"cannot be read as JSON ({error})", "repair or re-export the file") from error
+    except OSError as error:
+        raise DatasetError(path, None, None, f"cannot be read ({error})", "check the file and its permissions") from error
     if not isinstance(document, dict):
         raise DatasetError(path, None, None, "the top level is not a JSON object", "use the COCO layout {images, annotations, ...}")
     return document
@@ -449,17 +637,18 @@ def _check_fields(record: Any, section: str, spec: dict[str, tuple[Callable[[Any
         if key not in record:
             raise _BadField(f"{section}.{key}", "required key is missing", f"add `{key}` ({expected})")
         if not accepts(record[key]):
-            raise _BadField(f"{section}.{key}", f"expected {expected}, found {record[key]!r:.60}", f"make `{key}` {expected}")
+            raise _BadField(f"{section}.{key}", f"expected {expected}, found {_short.repr(record[key])}", f"make `{key}` {expected}")
 
 
-_ID = (lambda v: _is_int(v) and v >= 0, "a non-negative integer")
+_ID = (lambda v: _is_int(v) and 0 <= v <= INT64_MAX, "an integer from 0 to 2**63-1")
+_SIDE = (lambda v: _is_int(v) and 0 < v <= INT32_MAX, "a positive integer below 2**31")
 _IMAGE_FIELDS = {
     "id": _ID,
-    "file_name": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
-    "width": (lambda v: _is_int(v) and v > 0, "a positive integer"),
-    "height": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+    "file_name": (lambda v: _is_text(v) and v != "", "a non-empty string of valid Unicode"),
+    "width": _SIDE,
+    "height": _SIDE,
 }
-_CAPTION_FIELDS = {"id": _ID, "image_id": _ID, "caption": (lambda v: isinstance(v, str), "a string")}
+_CAPTION_FIELDS = {"id": _ID, "image_id": _ID, "caption": (_is_text, "a string of valid Unicode")}
 _INSTANCE_FIELDS = {
     "id": _ID,
     "image_id": _ID,
@@ -474,8 +663,8 @@ _INSTANCE_FIELDS = {
 }
 _CATEGORY_FIELDS = {
     "id": _ID,
-    "name": (lambda v: isinstance(v, str) and v.strip() != "", "a non-empty string"),
-    "supercategory": (lambda v: isinstance(v, str), "a string"),
+    "name": (lambda v: _is_text(v) and v.strip() != "", "a non-empty string of valid Unicode"),
+    "supercategory": (_is_text, "a string of valid Unicode"),
 }
 
 
@@ -536,6 +725,7 @@ def _read_images(state: _SplitRecords, documents: dict[Path, dict], findings: _F
                 continue
             try:
                 _check_fields(record, "images", _IMAGE_FIELDS)
+                _check_image_size(record["width"], record["height"], state.max_image_pixels)
             except _BadField as bad:
                 image = label if isinstance(label, int) else None
                 if image is not None:
@@ -564,6 +754,16 @@ def _read_images(state: _SplitRecords, documents: dict[Path, dict], findings: _F
                         image=image_id,
                     )
                     break
+
+
+def _check_image_size(width: int, height: int, max_pixels: int, field: str = "images.width") -> None:
+    if width * height > max_pixels:
+        raise _BadField(
+            field,
+            f"the image is {width}x{height} = {width * height / 1e6:,.1f} megapixels, above the limit of "
+            f"{max_pixels / 1e6:,.1f} (max_image_pixels)",
+            "downscale the image, or raise raw_pairs' max_image_pixels if such images are expected",
+        )
 
 
 def _known_image(state: _SplitRecords, image_id: int) -> bool:
@@ -655,8 +855,10 @@ def _read_instances(state: _SplitRecords, document: dict, findings: _Findings) -
         )
 
 
-def _read_split_json(split: str, files: SplitFiles, findings: _Findings, progress: Callable[[str], None]) -> _SplitRecords:
-    state = _SplitRecords(split=split, files=files)
+def _read_split_json(
+    split: str, files: SplitFiles, findings: _Findings, progress: Callable[[str], None], max_image_pixels: int
+) -> _SplitRecords:
+    state = _SplitRecords(split=split, files=files, max_image_pixels=max_image_pixels)
     captions_doc = _read_json(files.captions)
     instances_doc = _read_json(files.instances) if files.instances != files.captions else captions_doc
     # Check every top-level section before any record, so a wrong file fails before any per-record work.
@@ -751,19 +953,71 @@ def _resolve_image_path(images_dir: Path, file_name: str) -> Path:
     return resolved
 
 
-def _inspect_image_file(path: Path) -> _ImageFacts | _BadField:
-    """Hash and fully decode one image file; a fault is returned (not raised) so workers report in order."""
+class _PixelBudget:
+    """Caps the pixels being decoded at once across worker threads.
+
+    Each decode takes its image's pixel count from the budget and waits while others hold
+    it; an image larger than the whole budget waits until it is alone. Many small images
+    decode in parallel, but N threads never hold N near-limit images at once.
+    """
+
+    def __init__(self, pixels: int) -> None:
+        self.total = max(1, pixels)
+        self.used = 0
+        self.condition = threading.Condition()
+
+    def take(self, pixels: int) -> None:
+        with self.condition:
+            while self.used and self.used + pixels > self.total:
+                self.condition.wait()
+            self.used += pixels
+
+    def give(self, pixels: int) -> None:
+        with self.condition:
+            self.used -= pixels
+            self.condition.notify_all()
+
+
+def _sha256_of(path: Path) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+            size += len(block)
+    return digest.hexdigest(), size
+
+
+def _inspect_image_file(path: Path, max_pixels: int, budget: _PixelBudget) -> _ImageFacts | _BadField:
+    """Hash and fully decode one image file; a fault is returned (not raised) so workers report in order.
+
+    The header is read first: an image above ``max_pixels`` is refused before any pixel is decoded.
+    """
     try:
-        data = path.read_bytes()
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):  # a folder, FIFO or device would hang or mislead the reader
+            return _BadField("images.file_name", f"{path} is not a regular file", "point file_name at an image file")
+        digest, size = _sha256_of(path)
     except FileNotFoundError:
         return _BadField("images.file_name", f"image file {path} does not exist", "add the file or remove the image record")
     except OSError as error:
         return _BadField("images.file_name", f"image file {path} cannot be read ({error})", "fix its permissions or remove it")
-    digest = hashlib.sha256(data).hexdigest()
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()  # decode every pixel: open() alone reads only the header
-            return _ImageFacts(image.width, image.height, image.mode, len(data), digest)
+        with Image.open(path) as image:
+            pixels = image.width * image.height
+            if pixels > max_pixels:
+                try:
+                    _check_image_size(image.width, image.height, max_pixels, field="pixels")
+                except _BadField as bad:
+                    return bad
+            budget.take(pixels)
+            try:
+                image.load()  # decode every pixel: open() alone reads only the header
+            finally:
+                budget.give(pixels)
+            return _ImageFacts(image.width, image.height, image.mode, size, digest)
+    except Image.DecompressionBombError as error:
+        return _BadField("pixels", f"the image is too large to decode ({error})", "downscale the image")
     except Exception as error:  # noqa: BLE001 -- PIL raises many types (OSError, SyntaxError, struct.error...) on bad files
         return _BadField(
             "pixels", f"image file cannot be decoded ({type(error).__name__}: {error})",
@@ -800,25 +1054,62 @@ class _CheckedImage:
     facts: _ImageFacts
 
 
-def _check_image_files(
-    state: _SplitRecords, findings: _Findings, workers: int, progress: Callable[[str], None]
-) -> list[_CheckedImage]:
-    images_dir = state.files.images_dir
+def _resolve_image_files(state: _SplitRecords, findings: _Findings) -> list[tuple[_ImageRecord, Path]]:
+    """Each kept image record with its resolved file path; records whose path leaves the folder are reported."""
     to_read: list[tuple[_ImageRecord, Path]] = []
     for image_id in sorted(state.images):
         record = state.images[image_id]
         try:
-            to_read.append((record, _resolve_image_path(images_dir, record.file_name)))
+            to_read.append((record, _resolve_image_path(state.files.images_dir, record.file_name)))
         except _BadField as bad:
             state.dropped_images.add(image_id)
             findings.report(state.split, DatasetError(record.listed_in, image_id, bad.field, bad.problem, bad.hint), image=image_id)
+    return to_read
+
+
+def _refuse_shared_files(
+    states: list[_SplitRecords], to_read: dict[str, list[tuple[_ImageRecord, Path]]], findings: _Findings
+) -> None:
+    """One image file listed in two splits would put test pixels into training: drop it from both."""
+    first_owner: dict[Path, tuple[str, _ImageRecord]] = {}
+    shared: dict[Path, list[tuple[str, _ImageRecord]]] = {}
+    for state in states:
+        for record, path in to_read[state.split]:
+            owner = first_owner.setdefault(path, (state.split, record))
+            if owner[0] != state.split:
+                shared.setdefault(path, [owner]).append((state.split, record))
+    if not shared:
+        return
+    by_split = {state.split: state for state in states}
+    for path, holders in shared.items():
+        splits = " and ".join(dict.fromkeys(split for split, _ in holders))
+        for split, record in holders:
+            by_split[split].dropped_images.add(record.image_id)
+            findings.report(
+                split,
+                DatasetError(
+                    record.listed_in, record.image_id, "images.file_name",
+                    f"the file {path} is listed in the {splits} splits", "keep each image file in one split",
+                ),
+                image=record.image_id,
+            )
+    for state in states:
+        to_read[state.split] = [(r, p) for r, p in to_read[state.split] if r.image_id not in state.dropped_images]
+
+
+def _check_image_files(
+    state: _SplitRecords, to_read: list[tuple[_ImageRecord, Path]], findings: _Findings, workers: int,
+    progress: Callable[[str], None],
+) -> list[_CheckedImage]:
     checked: list[_CheckedImage] = []
     total = len(to_read)
     step = max(1, math.ceil(total / 10))
     started = time.perf_counter()
+    budget = _PixelBudget(state.max_image_pixels)
+    inspect = lambda path: _inspect_image_file(path, state.max_image_pixels, budget)  # noqa: E731
     # closing(): a strict-mode raise below must stop the worker threads now, not when
     # the traceback (which holds this frame) is collected.
-    with closing(_map_in_order(_inspect_image_file, [path for _, path in to_read], workers)) as results:
+    with closing(_map_in_order(inspect, [path for _, path in to_read], workers)) as results:
         for done, ((record, path), outcome) in enumerate(zip(to_read, results), start=1):
             _judge_image(state, findings, record, path, outcome, checked)
             if done % step == 0 or done == total:
@@ -926,6 +1217,9 @@ def load_batch(
     on_bad_record: Literal["fail", "quarantine"] = "fail",
     workers: int = 1,
     progress: Callable[[str], None] | None = None,
+    *,
+    allowed_roots: Sequence[Path | str] = (),
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> BatchTables:
     """Read and validate every split of one dataset batch.
 
@@ -933,20 +1227,30 @@ def load_batch(
     at the first bad record (JSON checks of every split run before any image file is
     read, so a broken file fails fast); ``"quarantine"`` drops each bad record together
     with what depends on it (an image takes its captions and instances; a category its
-    instances) and lists it in ``quarantine``. Malformed JSON always raises. Image
-    files are fully decoded and hashed on ``workers`` threads; ``progress`` receives
+    instances) and lists it in ``quarantine``. Malformed or hostile files (bad JSON,
+    nesting deeper than MAX_NESTING, paths outside the batch folder and ``allowed_roots``)
+    always raise. Images above ``max_image_pixels`` are refused from their header, before
+    decoding. Image files are fully decoded and hashed on ``workers`` threads, with the
+    pixels being decoded at once capped at ``max_image_pixels``; ``progress`` receives
     short lines (each ~10% of image files). Tables are sorted by id; images are not copied.
+    Any other input problem is a DatasetError too: nothing else is raised for bad data.
     """
     if on_bad_record not in ("fail", "quarantine"):
         raise ValueError(f"on_bad_record must be 'fail' or 'quarantine', not {on_bad_record!r}")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, not {workers}")
+    if max_image_pixels < 1:
+        raise ValueError(f"max_image_pixels must be >= 1, not {max_image_pixels}")
     say = progress or (lambda line: None)
-    manifest = read_manifest(Path(manifest_path))
+    manifest = read_manifest(Path(manifest_path), allowed_roots)
     findings = _Findings(batch, on_bad_record)
-    states = [_read_split_json(split, files, findings, say) for split, files in manifest.splits.items()]
+    states = [
+        _read_split_json(split, files, findings, say, max_image_pixels) for split, files in manifest.splits.items()
+    ]
     _reconcile_splits(states, findings)
-    checked = {state.split: _check_image_files(state, findings, workers, say) for state in states}
+    to_read = {state.split: _resolve_image_files(state, findings) for state in states}
+    _refuse_shared_files(states, to_read, findings)
+    checked = {state.split: _check_image_files(state, to_read[state.split], findings, workers, say) for state in states}
     tables = _assemble(batch, states, checked, findings)
     say(
         f"batch {batch}: kept {tables.images.height:,} images, {tables.captions.height:,} captions, "

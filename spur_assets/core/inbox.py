@@ -11,6 +11,7 @@ wrong, and remembers nothing. The sensor keeps the memory (its cursor).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,12 +51,14 @@ class InboxScan:
     arriving: tuple[Path, ...]  # folders without a READY file yet
 
 
-def scan_inbox(inbox: Path) -> InboxScan:
+def scan_inbox(inbox: Path, allowed_roots: Sequence[Path | str] = ()) -> InboxScan:
     """The batch folders of ``inbox``, sorted by name; a missing inbox is an empty one.
 
-    A folder marked ready is rejected (never raised on) when its name is not a safe
-    batch id or its dataset.yaml is missing or malformed; the record-level checks
-    happen later, when raw_pairs reads the batch.
+    Each entry is judged on its own and nothing raises: a folder marked ready is rejected
+    when its name is not a safe batch id, its READY is not a regular file, or its
+    dataset.yaml is missing, malformed or points outside the folder (and ``allowed_roots``).
+    Hidden entries and symlinks are rejected too, whatever they hold: a link could make
+    any folder on the machine a batch. Record-level checks happen later, in raw_pairs.
     """
     inbox = Path(inbox)
     if not inbox.is_dir():
@@ -63,22 +66,61 @@ def scan_inbox(inbox: Path) -> InboxScan:
     ready: list[ReadyBatch] = []
     rejected: list[RejectedBatch] = []
     arriving: list[Path] = []
-    for folder in sorted(p for p in inbox.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        marker = folder / READY_MARKER
-        if not marker.is_file():
-            arriving.append(folder)
-            continue
-        mtime = marker.stat().st_mtime_ns
+    try:
+        entries = sorted(inbox.iterdir())
+    except OSError:
+        return InboxScan((), (), ())
+    for entry in entries:
         try:
-            batch = validate_batch_id(folder.name)
-        except ValueError as error:
-            rejected.append(RejectedBatch(folder, mtime, f"{folder}: {error}; rename the folder, then touch its {READY_MARKER}"))
-            continue
-        manifest = folder / MANIFEST_NAME
-        try:
-            read_manifest(manifest)
-        except DatasetError as error:
-            rejected.append(RejectedBatch(folder, mtime, f"{error}; fix it, then touch {marker} again"))
-            continue
-        ready.append(ReadyBatch(batch, folder.resolve(), manifest.resolve(), mtime))
+            verdict = _judge_entry(entry, allowed_roots)
+        except Exception as error:  # noqa: BLE001 -- one unreadable folder must not stop the others
+            verdict = RejectedBatch(entry, _entry_mtime(entry), f"{entry}: cannot be read ({type(error).__name__}: {error})")
+        if isinstance(verdict, ReadyBatch):
+            ready.append(verdict)
+        elif isinstance(verdict, RejectedBatch):
+            rejected.append(verdict)
+        elif verdict is not None:
+            arriving.append(verdict)
     return InboxScan(tuple(ready), tuple(rejected), tuple(arriving))
+
+
+def _entry_mtime(path: Path) -> int:
+    try:
+        return path.lstat().st_mtime_ns
+    except OSError:
+        return 0
+
+
+def _judge_entry(entry: Path, allowed_roots: Sequence[Path | str]) -> ReadyBatch | RejectedBatch | Path | None:
+    """Ready, rejected, still arriving (the folder), or None for a plain file at the top of the inbox."""
+    if entry.is_symlink():
+        return RejectedBatch(
+            entry, _entry_mtime(entry),
+            f"{entry}: is a symbolic link; refused (a link can point anywhere on the machine) -- copy or move the "
+            f"batch folder into the inbox, then write its {READY_MARKER}",
+        )
+    if not entry.is_dir():
+        return None
+    if entry.name.startswith("."):
+        return RejectedBatch(
+            entry, _entry_mtime(entry),
+            f"{entry}: hidden folder, not taken -- rename it without the leading '.' if it is a batch",
+        )
+    marker = entry / READY_MARKER
+    if not marker.exists() and not marker.is_symlink():
+        return entry
+    mtime = marker.lstat().st_mtime_ns
+    if marker.is_symlink() or not marker.is_file():
+        return RejectedBatch(
+            entry, mtime, f"{marker}: must be a regular file (it is a link or a folder) -- replace it with an empty file"
+        )
+    try:
+        batch = validate_batch_id(entry.name)
+    except ValueError as error:
+        return RejectedBatch(entry, mtime, f"{entry}: {error}; rename the folder, then touch its {READY_MARKER}")
+    manifest = entry / MANIFEST_NAME
+    try:
+        read_manifest(manifest, allowed_roots)
+    except DatasetError as error:
+        return RejectedBatch(entry, mtime, f"{error}; fix it, then touch {marker} again")
+    return ReadyBatch(batch, entry.resolve(), manifest.resolve(), mtime)

@@ -5,7 +5,6 @@ import json
 
 import dagster as dg
 
-from spur_assets.core.batches import register_batch
 from spur_assets.core.inbox import READY_MARKER, scan_inbox
 from spur_assets.pipeline.ingest import batches, raw_pairs
 from spur_assets.pipeline.resources import SpurSettings
@@ -33,9 +32,9 @@ def _read_cursor(cursor: str | None) -> tuple[dict[str, int], dict[str, int]]:
 def inbox_sensor(context: dg.SensorEvaluationContext, settings: SpurSettings) -> dg.SensorResult | dg.SkipReason:
     inbox = settings.inbox_path
     taken, rejected = _read_cursor(context.cursor)
-    scan = scan_inbox(inbox)
+    scan = scan_inbox(inbox, settings.allowed_root_paths)
     for bad in scan.rejected:
-        if rejected.get(bad.folder.name) != bad.ready_mtime_ns:  # say it once per READY touch
+        if rejected.get(bad.folder.name) != bad.ready_mtime_ns:  # say it once per READY touch (or entry change)
             context.log.error(f"inbox batch not taken: {bad.problem}")
             rejected[bad.folder.name] = bad.ready_mtime_ns
     new_batches = []
@@ -49,7 +48,6 @@ def inbox_sensor(context: dg.SensorEvaluationContext, settings: SpurSettings) ->
                 rejected[ready.batch] = ready.ready_mtime_ns
             continue
         if ready.batch not in taken:
-            register_batch(settings.home_path, ready.batch, ready.manifest)
             new_batches.append(ready)
         elif taken[ready.batch] != ready.ready_mtime_ns:
             context.log.warning(
@@ -67,8 +65,13 @@ def inbox_sensor(context: dg.SensorEvaluationContext, settings: SpurSettings) ->
     context.log.info(f"new batches in {inbox}: {', '.join(keys)}")
     return dg.SensorResult(
         run_requests=[
-            dg.RunRequest(run_key=key, partition_key=key, asset_selection=[raw_pairs.key], tags={"spur/batch": key})
-            for key in keys
+            # The manifest travels in the run config; raw_pairs registers the batch once it is stored,
+            # so a batch that fails validation leaves the registry as it was.
+            dg.RunRequest(
+                run_key=r.batch, partition_key=r.batch, asset_selection=[raw_pairs.key], tags={"spur/batch": r.batch},
+                run_config={"ops": {"raw_pairs": {"config": {"manifest": str(r.manifest)}}}},
+            )
+            for r in new_batches
         ],
         dynamic_partitions_requests=[batches.build_add_request(keys)],
         cursor=cursor,

@@ -11,10 +11,11 @@ import polars as pl
 
 from spur_assets.core.artifacts import ArtifactRef
 from spur_assets.core.batch_union import SplitTables, union_split
-from spur_assets.core.batches import BUILTIN_BATCH, registered_manifest
+from spur_assets.core.batches import BUILTIN_BATCH, batch_taken_error, register_batch, registered_manifest
 from spur_assets.core.builtin_dataset import BuiltinDatasetSpec, generate_builtin_dataset
-from spur_assets.core.coco_ingest import load_batch
+from spur_assets.core.coco_ingest import DEFAULT_MAX_IMAGE_PIXELS, BatchTables, content_fingerprint, load_batch
 from spur_assets.core.contact_sheet import draw_contact_sheet
+from spur_assets.core.errors import DatasetError
 from spur_assets.pipeline.recording import recorded_materialization
 from spur_assets.pipeline.resources import SpurSettings
 from spur_assets.pipeline.ui_metadata import markdown_image, markdown_table
@@ -43,6 +44,9 @@ class RawPairsConfig(dg.Config):
     manifest: str = ""  # a dataset.yaml for this batch; empty = the registered one (or SPUR_DATASET)
     on_bad_record: Literal["fail", "quarantine"] = "fail"  # fail the batch, or drop bad records and count them
     workers: int = max(1, min(8, os.cpu_count() or 1))  # threads reading, hashing and decoding image files
+    # Replace a batch id that already holds other data (the earlier version stays in lineage).
+    replace: bool = False
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # larger images are refused from their header
     builtin_seed: int = _SPEC_DEFAULTS.seed
     builtin_n_train: int = _SPEC_DEFAULTS.n_train
     builtin_n_test: int = _SPEC_DEFAULTS.n_test
@@ -61,10 +65,17 @@ def builtin_spec(config: RawPairsConfig) -> BuiltinDatasetSpec:
 
 
 def resolve_manifest(settings: SpurSettings, batch: str, config: RawPairsConfig, log) -> Path:
-    """The dataset.yaml behind ``batch``: run config, then the registry, then SPUR_DATASET, then built-in."""
-    if config.manifest:
-        return Path(config.manifest).expanduser().resolve()
+    """The dataset.yaml behind ``batch``: run config, then the registry, then SPUR_DATASET, then built-in.
+
+    A manifest in the run config that differs from the one registered for ``batch`` is
+    refused unless ``config.replace`` is set.
+    """
     registered = registered_manifest(settings.home_path, batch)
+    if config.manifest:
+        manifest = Path(config.manifest).expanduser().resolve()
+        if registered is not None and registered != manifest and not config.replace:
+            raise batch_taken_error(manifest, batch, f"it is registered for {registered}")
+        return manifest
     if registered is not None:
         return registered
     if batch == BUILTIN_BATCH:
@@ -74,10 +85,39 @@ def resolve_manifest(settings: SpurSettings, batch: str, config: RawPairsConfig,
         out_dir = settings.home_path / "datasets" / f"builtin-seed{spec.seed}-{spec.n_train}x{spec.n_test}-{spec.image_size}px"
         log.info(f"generating the built-in dataset into {out_dir} ({spec})")
         return generate_builtin_dataset(out_dir, spec, workers=config.workers)
-    raise FileNotFoundError(
-        f"batch {batch!r} has no dataset.yaml registered under {settings.home_path / 'batches'}; "
-        "register it with `spur run --dataset PATH/dataset.yaml --batch "
-        f"{batch}`, drop it into the inbox, or set raw_pairs' run config `manifest`"
+    raise DatasetError(
+        settings.home_path / "batches", batch, "manifest", f"batch {batch!r} has no dataset.yaml registered",
+        f"register it with `spur run --dataset PATH/dataset.yaml --batch {batch}`, drop it into the inbox, "
+        "or set raw_pairs' run config `manifest`",
+    )
+
+
+def refuse_other_data(settings: SpurSettings, batch: str, manifest: Path, tables: BatchTables, config: RawPairsConfig, log) -> None:
+    """Raise if ``batch`` already holds different content and ``config.replace`` is not set.
+
+    The built-in batch is generated from its run config, so a new config is a deliberate
+    replacement: it is logged, not refused.
+    """
+    earlier = settings.lineage().latest("raw_pairs", batch)
+    if earlier is None:
+        return
+    outputs = {output["name"]: Path(output["uri"]) for output in earlier["outputs"]}
+    try:
+        before = content_fingerprint(*(pl.read_parquet(outputs[name]) for name in ("raw_images", "raw_captions", "raw_instances")))
+    except (KeyError, OSError, pl.exceptions.PolarsError) as error:
+        log.warning(f"cannot compare batch {batch!r} with its earlier materialization {earlier['materialization_id']} ({error})")
+        return
+    if before == content_fingerprint(tables.images, tables.captions, tables.instances):
+        return
+    if config.replace or batch == BUILTIN_BATCH:
+        log.warning(
+            f"batch {batch!r}: replacing the data of materialization {earlier['materialization_id']} "
+            "(it stays in lineage and under SPUR_HOME/artifacts)"
+        )
+        return
+    raise batch_taken_error(
+        manifest, batch, f"it holds different data (raw_pairs materialization {earlier['materialization_id']}, "
+        f"{earlier['ended_at']:%Y-%m-%d %H:%M} UTC)",
     )
 
 
@@ -110,23 +150,27 @@ def raw_pairs(context: dg.AssetExecutionContext, config: RawPairsConfig, setting
         manifest = resolve_manifest(settings, batch, config, context.log)
         context.log.info(f"reading batch {batch!r} from {manifest}")
         tables = load_batch(
-            manifest, batch=batch, on_bad_record=config.on_bad_record, workers=config.workers, progress=context.log.info
+            manifest, batch=batch, on_bad_record=config.on_bad_record, workers=config.workers, progress=context.log.info,
+            allowed_roots=settings.allowed_root_paths, max_image_pixels=config.max_image_pixels,
         )
+        if tables.images.height == 0:
+            raise DatasetError(
+                manifest, None, "images", f"batch {batch!r}: no valid image left ({tables.quarantine.height} records quarantined)",
+                "see raw_pairs' log for the quarantined records; fix them and run again",
+            )
+        refuse_other_data(settings, batch, manifest, tables, config, context.log)
         session.writer.write_table("raw_images", tables.images)
         session.writer.write_table("raw_captions", tables.captions)
         session.writer.write_table("raw_instances", tables.instances)
         session.writer.write_table("raw_categories", tables.categories)
         session.writer.write_table("raw_quarantine", tables.quarantine)
-        if tables.images.height == 0:
-            raise ValueError(f"batch {batch!r} ({manifest}): no valid image left; see the quarantine log above")
         sheet_split = "train" if (tables.images["split"] == "train").any() else tables.images["split"][0]
-        sheet = draw_contact_sheet(
-            manifest,
-            sheet_split,
-            session.writer.path("contact_sheet.png"),
-            image_ids=set(tables.images.filter(pl.col("split") == sheet_split)["image_id"].to_list()),
-        )
+        # Drawn from the validated tables: a quarantined record is never read again.
+        sheet = draw_contact_sheet(tables, sheet_split, session.writer.path("contact_sheet.png"), title=batch)
         session.writer.add_file("contact_sheet", sheet.name)
+    if config.manifest or batch != BUILTIN_BATCH:
+        # Registered only once the batch is stored: a failed ingest leaves the registry as it was.
+        register_batch(settings.home_path, batch, manifest, replace=True)
     per_category = (
         tables.instances.group_by("category").agg(
             pl.len().alias("instances"), pl.col("image_id").n_unique().alias("images")

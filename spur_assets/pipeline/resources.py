@@ -20,6 +20,9 @@ class SpurSettings(dg.ConfigurableResource):
     base_model: str = ""  # SPUR_BASE_MODEL: save_pretrained folder or hub id; empty = train a small CLIP
     inbox: str = ""  # SPUR_INBOX: folder the sensor watches for new batches
     device: str = "auto"  # SPUR_DEVICE: auto = CUDA, then MPS, then CPU
+    # SPUR_ALLOWED_ROOTS: folders (os.pathsep-separated) a batch may read from besides its own
+    # folder, e.g. a shared COCO copy; empty = each batch reads only inside its own folder.
+    allowed_roots: str = ""
 
     @property
     def home_path(self) -> Path:
@@ -29,12 +32,16 @@ class SpurSettings(dg.ConfigurableResource):
     def inbox_path(self) -> Path:
         return Path(self.inbox).expanduser().resolve() if self.inbox else self.home_path / "inbox"
 
+    @property
+    def allowed_root_paths(self) -> tuple[Path, ...]:
+        return tuple(Path(root).expanduser().resolve() for root in self.allowed_roots.split(os.pathsep) if root.strip())
+
     def lineage(self) -> LineageStore:
         return LineageStore(self.home_path)
 
 
 def settings_from_environment(environ: dict[str, str] | None = None) -> SpurSettings:
-    """SpurSettings from SPUR_HOME / SPUR_DATASET / SPUR_BASE_MODEL / SPUR_INBOX / SPUR_DEVICE."""
+    """SpurSettings from SPUR_HOME / SPUR_DATASET / SPUR_BASE_MODEL / SPUR_INBOX / SPUR_DEVICE / SPUR_ALLOWED_ROOTS."""
     env = os.environ if environ is None else environ
     home = Path(env.get("SPUR_HOME") or ".spur").expanduser().resolve()
     return SpurSettings(
@@ -43,4 +50,5 @@ def settings_from_environment(environ: dict[str, str] | None = None) -> SpurSett
         base_model=env.get("SPUR_BASE_MODEL", ""),
         inbox=env.get("SPUR_INBOX") or str(home / "inbox"),
         device=env.get("SPUR_DEVICE", "auto"),
+        allowed_roots=env.get("SPUR_ALLOWED_ROOTS", ""),
     )
