@@ -8,6 +8,8 @@ import fcntl
 import importlib.util
 import json
 import os
+import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -25,12 +27,30 @@ def _prepare_environment(home: str | None) -> Path:
     # One Dagster instance for CLI runs and `dagster dev`, so the UI shows both.
     dagster_home = Path(os.environ.get("DAGSTER_HOME") or spur_home / "dagster").resolve()
     dagster_home.mkdir(parents=True, exist_ok=True)
-    instance_yaml = dagster_home / "dagster.yaml"
-    if not instance_yaml.exists():
-        # Machines running this are often offline; telemetry would only retry in vain.
-        instance_yaml.write_text("telemetry:\n  enabled: false\n")
+    _write_instance_settings(dagster_home / "dagster.yaml")
     os.environ["DAGSTER_HOME"] = str(dagster_home)
     return spur_home
+
+
+INSTANCE_SETTINGS = {
+    # Machines running this are often offline; telemetry would only retry in vain.
+    "telemetry": {"enabled": False},
+    # The daemon fails runs stuck starting or canceling instead of leaving them in that state.
+    "run_monitoring": {"enabled": True, "start_timeout_seconds": 180, "cancel_timeout_seconds": 60, "poll_interval_seconds": 30},
+}
+
+
+def _write_instance_settings(instance_yaml: Path) -> None:
+    """Create DAGSTER_HOME/dagster.yaml, or add the sections spur-assets relies on to a user's own."""
+    import yaml
+
+    current = yaml.safe_load(instance_yaml.read_text()) if instance_yaml.exists() else None
+    current = current if isinstance(current, dict) else {}
+    missing = {key: value for key, value in INSTANCE_SETTINGS.items() if key not in current}
+    if missing:
+        staged = instance_yaml.with_name(f".{instance_yaml.name}.{os.getpid()}.tmp")
+        staged.write_text(yaml.safe_dump({**current, **missing}, sort_keys=False))
+        os.replace(staged, instance_yaml)
 
 
 def load_definitions():
@@ -66,6 +86,9 @@ def _resolve_batch(spur_home: Path, dataset: str | None, batch: str | None, repl
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    # SIGTERM stops a run the way Ctrl-C does (KeyboardInterrupt; Dagster maps it the same way inside a
+    # step), so `kill PID`, a service manager or a container stop clean up instead of dying mid-write.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     spur_home = _prepare_environment(args.home)
     import dagster as dg
 
@@ -85,6 +108,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     with _exclusive_lock(Path(os.environ["DAGSTER_HOME"]) / ".spur-instance.lock"):
         instance = dg.DagsterInstance.get()
         instance.get_runs(limit=1)
+        _recover_from_dead_runs(instance, spur_home)
         if not instance.has_dynamic_partition(batches.name, key):
             instance.add_dynamic_partitions(batches.name, [key])
 
@@ -121,15 +145,21 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not keys:
             continue
         print(f"[spur] materializing {label}: {', '.join(sorted(k.to_user_string() for k in keys))}", flush=True)
-        result = dg.materialize(
-            [*assets, *checks],
-            selection=sorted(keys, key=lambda k: k.to_user_string()),
-            partition_key=partition_key,
-            run_config=_run_config_for(run_config, keys),
-            instance=instance,
-            resources=defs.resources,
-            raise_on_error=False,
-        )
+        try:
+            result = dg.materialize(
+                [*assets, *checks],
+                selection=sorted(keys, key=lambda k: k.to_user_string()),
+                partition_key=partition_key,
+                run_config=_run_config_for(run_config, keys),
+                instance=instance,
+                resources=defs.resources,
+                raise_on_error=False,
+                tags=_owner_tags(),
+            )
+        except KeyboardInterrupt:  # a signal outside a step (Dagster turns those inside into a failed step)
+            return _stopped(instance, None)
+        if _interrupted(result):
+            return _stopped(instance, result.dagster_run)
         if not result.success:
             for line in _dataset_errors(result):
                 print(f"spur: error: {line}", file=sys.stderr)
@@ -138,6 +168,59 @@ def cmd_run(args: argparse.Namespace) -> int:
     elapsed = time.monotonic() - started
     _print_where_results_are(spur_home, elapsed)
     return 0
+
+
+_ACTIVE = ("STARTING", "STARTED", "CANCELING", "QUEUED", "NOT_STARTED")
+
+
+def _owner_tags() -> dict[str, str]:
+    """Tags naming the process that runs a `spur run` step, so a later start can tell if it died."""
+    return {"spur/pid": str(os.getpid()), "spur/host": socket.gethostname()}
+
+
+def _recover_from_dead_runs(instance, spur_home: Path) -> None:
+    """Mark `spur run` runs whose process is gone as failed, and remove staging folders nobody writes.
+
+    A run killed with SIGKILL (or by the OOM killer, or a power cut) cannot report its own end:
+    its Dagster run would stay STARTED forever and its half-written outputs would stay on disk.
+    """
+    import dagster as dg
+
+    from spur_assets.core.artifacts import process_alive, remove_dead_staging
+
+    host = socket.gethostname()
+    statuses = [dg.DagsterRunStatus[name] for name in _ACTIVE]
+    for run in instance.get_runs(filters=dg.RunsFilter(statuses=statuses, tags={"spur/host": host})):
+        pid = run.tags.get("spur/pid", "")
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
+            instance.report_run_failed(run, f"the process running it (pid {pid} on {host}) is gone; marked failed by spur run")
+            print(f"[spur] run {run.run_id}: its process {pid} is gone; marked FAILURE", file=sys.stderr)
+    for folder in remove_dead_staging(spur_home):
+        print(f"[spur] removed {folder}: staging of a process that is gone", file=sys.stderr)
+
+
+def _interrupted(result) -> bool:
+    """True if the run ended because this process was told to stop (SIGINT, or SIGTERM which Dagster maps to it)."""
+    for event in result.all_events:
+        data = event.event_specific_data
+        error = getattr(data, "error", None)
+        while error is not None:
+            if error.cls_name in ("DagsterExecutionInterruptedError", "KeyboardInterrupt"):
+                return True
+            error = error.cause
+    return False
+
+
+def _stopped(instance, run) -> int:
+    """Report a stopped run as CANCELED (not FAILURE: nothing went wrong) and say what was kept."""
+    if run is not None:
+        instance.report_run_canceled(run, "stopped by a signal (SIGTERM or SIGINT) to `spur run`")
+    print(
+        f"[spur] stopped{f'; run {run.run_id} marked CANCELED' if run is not None else ''}. Nothing half-written "
+        "was kept; what was stored before is unchanged, and a training step resumes from its last epoch "
+        "next time.", file=sys.stderr,
+    )
+    return 130
 
 
 def _dataset_errors(result) -> list[str]:
@@ -357,6 +440,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        print("[spur] stopped", file=sys.stderr)
+        return 130
     except DatasetError as error:
         # Bad input is the user's to fix: one readable line (file, record, field, what to do), no traceback.
         print(f"spur: error: {' '.join(str(error).split())}", file=sys.stderr)

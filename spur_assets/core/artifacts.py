@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -99,6 +101,42 @@ def data_version_of(outputs: list[OutputFile]) -> str:
     return digest.hexdigest()
 
 
+_STAGING = re.compile(r"^\.staging-[0-9a-f]+(?:\.pid(\d+))?$")
+
+
+def process_alive(pid: int) -> bool:
+    """True if a process with this id exists on this machine (it may belong to another user)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_dead_staging(home: Path) -> list[Path]:
+    """Remove the staging folders under ``home/artifacts`` whose writing process is gone; returns them.
+
+    A killed process (SIGKILL, power loss) cannot clean up after itself; its half-written
+    outputs were never committed, so nothing refers to them. Folders of live processes stay.
+    A staging folder without a process id (written before ids were recorded) counts as dead.
+    """
+    removed: list[Path] = []
+    root = Path(home) / "artifacts"
+    if not root.is_dir():
+        return removed
+    for folder in root.glob("*/*/.staging-*"):
+        match = _STAGING.match(folder.name)
+        if match is None or not folder.is_dir():
+            continue
+        if match.group(1) is not None and process_alive(int(match.group(1))):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
 class ArtifactWriter:
     """Stage the outputs of one materialization, then commit them atomically.
 
@@ -111,7 +149,9 @@ class ArtifactWriter:
         self.partition = partition
         partition_dir = partition or UNPARTITIONED
         self.final_dir = Path(home) / "artifacts" / asset / partition_dir / materialization_id
-        self.staging_dir = self.final_dir.parent / f".staging-{materialization_id}"
+        # The staging folder names the process writing it, so a later run can tell the folder
+        # of a killed process (remove) from one still being written (leave).
+        self.staging_dir = self.final_dir.parent / f".staging-{materialization_id}.pid{os.getpid()}"
         self._outputs: list[OutputFile] = []
         self._committed = False
 

@@ -18,7 +18,6 @@ chunks whatever the number of worker processes.
 
 from __future__ import annotations
 
-import concurrent.futures
 import errno
 import functools
 import multiprocessing
@@ -38,6 +37,7 @@ from PIL import Image
 from spur_assets.core import vocabulary
 from spur_assets.core.coco_ingest import decode_instance_mask
 from spur_assets.core.inpaint import Inpainter, InpainterSpec, spec_of
+from spur_assets.core.pools import process_pool
 
 EVAL_SPLIT = "test"
 
@@ -629,9 +629,9 @@ def run_inpainting_chunks(
         return results
     spec = spec_of(inpainter)
     # spawn, not fork: a forked child inherits torch's thread pools mid-state and can hang.
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(
-        max_workers=min(workers, len(chunks)), mp_context=context, initializer=_init_worker, initargs=(spec,)
+    # process_pool: a stopped run ends the workers now instead of rendering every queued chunk.
+    with process_pool(
+        min(workers, len(chunks)), mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker, initargs=(spec,)
     ) as pool:
         futures = [pool.submit(_render_with_worker_inpainter, render_chunk, chunk) for chunk in chunks]
         for number, future in enumerate(futures, start=1):

@@ -133,6 +133,9 @@ def base_checkpoint(
     device = resolve_device(settings.device)
     history: list[dict] = []
     inputs = [] if settings.base_model else upstream_refs(raw_pairs)
+    # A stopped or killed run resumes from its last epoch: the work folder is keyed by what it trains on.
+    resume_key = config_hash({"raw": [r.data_version for r in inputs], "config": config.model_dump()})[:16]
+    resume_dir = settings.home_path / "work" / "base_checkpoint" / resume_key
     with recorded_materialization(context, settings, config, inputs=inputs, device=str(device)) as session:
         if settings.base_model:
             context.log.info(f"loading the base model {settings.base_model}")
@@ -167,12 +170,14 @@ def base_checkpoint(
                     captions_per_image=config.captions_per_image,
                 ),
                 device,
+                checkpoint_dir=resume_dir,
                 progress=_log_progress(context),
                 workers=config.workers,
                 in_memory_mb=config.in_memory_mb,
             )
             source = f"small CLIP trained from scratch on {len(images)} images"
         write_checkpoint_outputs(session, bundle, history, "base_checkpoint")
+    shutil.rmtree(resume_dir, ignore_errors=True)
     metadata = {
         **checkpoint_metadata(session, bundle, history),
         "source": source,
