@@ -148,6 +148,9 @@ class ArtifactWriter:
         self.asset = asset
         self.partition = partition
         partition_dir = partition or UNPARTITIONED
+        for part in (asset, partition_dir, materialization_id):
+            if part in (".", "..") or "/" in part or "\\" in part or "\x00" in part:
+                raise ValueError(f"ArtifactWriter: {part!r} cannot name a folder under {home}/artifacts")
         self.final_dir = Path(home) / "artifacts" / asset / partition_dir / materialization_id
         # The staging folder names the process writing it, so a later run can tell the folder
         # of a killed process (remove) from one still being written (leave).

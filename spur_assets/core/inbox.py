@@ -119,6 +119,8 @@ def _judge_entry(entry: Path, allowed_roots: Sequence[Path | str]) -> ReadyBatch
     except ValueError as error:
         return RejectedBatch(entry, mtime, f"{entry}: {error}; rename the folder, then touch its {READY_MARKER}")
     manifest = entry / MANIFEST_NAME
+    if manifest.is_symlink():  # it would move the batch's folder (paths are relative to the manifest's target)
+        return RejectedBatch(entry, mtime, f"{manifest}: is a symbolic link; refused -- copy the file into the folder")
     try:
         read_manifest(manifest, allowed_roots)
     except DatasetError as error:

@@ -11,7 +11,13 @@ import polars as pl
 
 from spur_assets.core.artifacts import ArtifactRef
 from spur_assets.core.batch_union import SplitTables, union_split
-from spur_assets.core.batches import BUILTIN_BATCH, batch_taken_error, register_batch, registered_manifest
+from spur_assets.core.batches import (
+    BUILTIN_BATCH,
+    batch_taken_error,
+    register_batch,
+    registered_manifest,
+    validate_batch_id,
+)
 from spur_assets.core.builtin_dataset import BuiltinDatasetSpec, generate_builtin_dataset
 from spur_assets.core.coco_ingest import DEFAULT_MAX_IMAGE_PIXELS, BatchTables, content_fingerprint, load_batch
 from spur_assets.core.contact_sheet import draw_contact_sheet
@@ -146,6 +152,10 @@ def _split_counts(tables) -> pl.DataFrame:
 )
 def raw_pairs(context: dg.AssetExecutionContext, config: RawPairsConfig, settings: SpurSettings) -> dg.Output:
     batch = context.partition_key
+    try:  # a partition key is input too (the UI adds any string): checked before anything is written
+        validate_batch_id(batch)
+    except ValueError as error:
+        raise DatasetError(settings.home_path / "batches", batch, "batch", str(error), "add the batch under a safe id") from None
     with recorded_materialization(context, settings, config) as session:
         manifest = resolve_manifest(settings, batch, config, context.log)
         context.log.info(f"reading batch {batch!r} from {manifest}")
