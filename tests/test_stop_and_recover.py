@@ -36,11 +36,11 @@ def _env(home: Path) -> dict:
 class SpurProcess:
     """`spur run ARGS` in the background, its output in a file we can wait on."""
 
-    def __init__(self, home: Path, log: Path, *args: str) -> None:
+    def __init__(self, home: Path, log: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.log = log
         self.handle = log.open("w")
         self.process = subprocess.Popen(
-            [SPUR, "run", *args], env=_env(home), stdout=self.handle, stderr=subprocess.STDOUT, text=True
+            [SPUR, "run", *args], env={**_env(home), **(env or {})}, stdout=self.handle, stderr=subprocess.STDOUT, text=True
         )
 
     def text(self) -> str:

@@ -189,7 +189,7 @@ def batch_counterfactuals(
     with recorded_materialization(context, settings, config, inputs=inputs, device=recipe.inpainter.device) as session:
         part = build_batch_counterfactuals(
             images, captions, instances, pairs.select("anchor", "companion"), session.writer.staging_dir, recipe,
-            source=raw.data_version, workers=config.workers, progress=context.log.info,
+            source=raw.data_version, workers=session.policy.pool_size(config.workers), progress=context.log.info,
         )
         _write_part(session.writer, part)
         session.writer.add_dir("eval_images", "eval", rows=part.eval.images.height)
@@ -253,7 +253,8 @@ def synthetic_counterfactuals(
             images, captions, instances = _stacked([raw_pairs[batch]])
             parts[batch] = build_batch_counterfactuals(
                 images, captions, instances, flagged, Path(scratch) / batch, recipe,
-                source=raw_pairs[batch].data_version, workers=config.workers, progress=context.log.info,
+                source=raw_pairs[batch].data_version, workers=session.policy.pool_size(config.workers),
+                progress=context.log.info,
             )
         images, captions, instances = _stacked([raw_pairs[b] for b in sorted(raw_pairs)])
         combined = combine_batch_counterfactuals(
@@ -261,7 +262,7 @@ def synthetic_counterfactuals(
             session.writer.staging_dir, recipe,
             removal_per_pair=config.train_removal_per_pair or None,
             paste_per_pair=config.train_paste_per_pair or None,
-            workers=config.workers, progress=context.log.info,
+            workers=session.policy.pool_size(config.workers), progress=context.log.info,
         )
         built, train_cf = combined.eval, combined.train
         session.writer.write_table("cf_train_images", session.writer.final_paths(train_cf.images))

@@ -90,7 +90,7 @@ def resolve_manifest(settings: SpurSettings, batch: str, config: RawPairsConfig,
         spec = builtin_spec(config)
         out_dir = settings.home_path / "datasets" / f"builtin-seed{spec.seed}-{spec.n_train}x{spec.n_test}-{spec.image_size}px"
         log.info(f"generating the built-in dataset into {out_dir} ({spec})")
-        return generate_builtin_dataset(out_dir, spec, workers=config.workers)
+        return generate_builtin_dataset(out_dir, spec, workers=settings.thread_policy().pool_size(config.workers))
     raise DatasetError(
         settings.home_path / "batches", batch, "manifest", f"batch {batch!r} has no dataset.yaml registered",
         f"register it with `spur run --dataset PATH/dataset.yaml --batch {batch}`, drop it into the inbox, "
@@ -160,7 +160,8 @@ def raw_pairs(context: dg.AssetExecutionContext, config: RawPairsConfig, setting
         manifest = resolve_manifest(settings, batch, config, context.log)
         context.log.info(f"reading batch {batch!r} from {manifest}")
         tables = load_batch(
-            manifest, batch=batch, on_bad_record=config.on_bad_record, workers=config.workers, progress=context.log.info,
+            manifest, batch=batch, on_bad_record=config.on_bad_record, workers=session.policy.pool_size(config.workers),
+            progress=context.log.info,
             allowed_roots=settings.allowed_root_paths, max_image_pixels=config.max_image_pixels,
         )
         if tables.images.height == 0:

@@ -19,6 +19,7 @@ from spur_assets.core.image_stream import DEFAULT_IN_MEMORY_MB, ImageFiles
 from spur_assets.core.plots import loss_curve
 from spur_assets.core.preprocessing import ImagePreprocessing
 from spur_assets.core.recipes import BUILTIN_BASE_RECIPE, PRETRAINED_RECIPE, FinetuneRecipe, recipe_for_base
+from spur_assets.core.threads import use_torch_threads
 from spur_assets.core.training import TrainConfig, optimizer_steps, train_clip
 from spur_assets.core.training_job import TrainingJob
 from spur_assets.pipeline.cluster import GPU_STEP_TAGS
@@ -90,10 +91,20 @@ def checkpoint_metadata(session, bundle, history: list[dict]) -> dict:
     return metadata
 
 
+def _prepared_megabytes(images: ImageFiles) -> float:
+    channels, height, width = images.image_shape
+    return len(images) * channels * height * width / 2**20
+
+
+def _training_workers(session, images: ImageFiles, in_memory_mb: int, requested: int) -> int:
+    """Decoding processes for a training step (none when the split is held in memory), within the thread policy."""
+    held = in_memory_mb > 0 and _prepared_megabytes(images) <= in_memory_mb
+    return session.decoding_workers(0 if held else requested)
+
+
 def _image_path_note(images: ImageFiles, in_memory_mb: int, workers: int) -> str:
     """How training will read its images, for the log."""
-    channels, height, width = images.image_shape
-    megabytes = len(images) * channels * height * width / 2**20
+    megabytes = _prepared_megabytes(images)
     if in_memory_mb > 0 and megabytes <= in_memory_mb:
         how = f"decoded once on the training thread and kept in memory (in_memory_mb={in_memory_mb})"
     else:
@@ -156,7 +167,8 @@ def base_checkpoint(
                 max_text_length=config.max_text_length,
             )
             images = ImageFiles.of(train.images["path"].to_list(), ImagePreprocessing.of(bundle.image_processor))
-            context.log.info(f"training on {len(images)} train images, {_image_path_note(images, config.in_memory_mb, config.workers)}")
+            workers = _training_workers(session, images, config.in_memory_mb, config.workers)
+            context.log.info(f"training on {len(images)} train images, {_image_path_note(images, config.in_memory_mb, workers)}")
             history = train_clip(
                 bundle,
                 images,
@@ -172,7 +184,7 @@ def base_checkpoint(
                 device,
                 checkpoint_dir=resume_dir,
                 progress=_log_progress(context),
-                workers=config.workers,
+                workers=workers,
                 in_memory_mb=config.in_memory_mb,
             )
             source = f"small CLIP trained from scratch on {len(images)} images"
@@ -319,7 +331,8 @@ def finetuned_checkpoint(
         write_training_plan(session, recipe, config.seed, steps)
         parallel_metadata: dict = {}
         if config.nproc_per_node == 1:
-            context.log.info(f"fine-tuning on {len(images)} images, {_image_path_note(images, config.in_memory_mb, config.workers)}")
+            workers = _training_workers(session, images, config.in_memory_mb, config.workers)
+            context.log.info(f"fine-tuning on {len(images)} images, {_image_path_note(images, config.in_memory_mb, workers)}")
             history = train_clip(
                 bundle,
                 images,
@@ -331,12 +344,14 @@ def finetuned_checkpoint(
                 hard_negative_image=hard_negative_image,
                 checkpoint_dir=resume_dir,
                 progress=_log_progress(context),
-                workers=config.workers,
+                workers=workers,
                 in_memory_mb=config.in_memory_mb,
             )
             write_checkpoint_outputs(session, bundle, history, "finetuned_checkpoint")
         else:
             # Same training, on nproc_per_node torchrun ranks; rank 0 saves into the staging folder.
+            # The ranks share the step's threads (torchrun passes OMP_NUM_THREADS on to each).
+            use_torch_threads(max(1, session.policy.total // config.nproc_per_node))
             job = TrainingJob(
                 images, finetune_set.captions, caption_image, hard_negative_text, hard_negative_image, train_config,
                 base_checkpoint=base_checkpoint.path("checkpoint"), output_checkpoint=session.writer.path("checkpoint"),
@@ -445,14 +460,15 @@ def control_checkpoint(
             # Same recipe and schedule; as many epochs over the originals as reach the fine-tune's steps.
             per_epoch = optimizer_steps(caption_image, len(images), replace(recipe, epochs=1, max_steps=None).train_config(seed))
             train_config = recipe.with_(epochs=math.ceil(steps / per_epoch), max_steps=steps).train_config(seed)
+            workers = _training_workers(session, images, config.in_memory_mb, config.workers)
             context.log.info(
                 f"control: {len(images)} original images, {len(captions)} captions, {steps} optimizer steps "
                 f"({train_config.epochs} epoch(s) of {per_epoch}) as finetuned_checkpoint ran; "
-                f"{_image_path_note(images, config.in_memory_mb, config.workers)}"
+                f"{_image_path_note(images, config.in_memory_mb, workers)}"
             )
             history = train_clip(
                 bundle, images, captions["caption"].to_list(), caption_image, train_config, device,
-                checkpoint_dir=resume_dir, progress=_log_progress(context), workers=config.workers,
+                checkpoint_dir=resume_dir, progress=_log_progress(context), workers=workers,
                 in_memory_mb=config.in_memory_mb,
             )
             write_checkpoint_outputs(session, bundle, history, "control_checkpoint")

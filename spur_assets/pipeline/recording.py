@@ -23,6 +23,7 @@ import dagster as dg
 from spur_assets import __version__
 from spur_assets.core.artifacts import ArtifactRef, ArtifactWriter, data_version_of
 from spur_assets.core.lineage import LineageEdge, MaterializationRecord, new_materialization_id
+from spur_assets.core.threads import ThreadPolicy, use_torch_threads
 from spur_assets.pipeline.resources import SpurSettings
 
 
@@ -102,9 +103,22 @@ class MaterializationSession:
     materialization_id: str
     inputs: list[ArtifactRef]
     device: str
+    policy: ThreadPolicy = field(default_factory=lambda: ThreadPolicy(1))
     started: float = field(default_factory=time.monotonic)
     ref: ArtifactRef | None = None
     lineage_recorded: bool = False
+    thread_split: tuple[int, int] = (1, 0)
+
+    def decoding_workers(self, requested: int) -> int:
+        """Split the step's threads for ``requested`` decoding processes beside torch; returns the workers to start.
+
+        torch keeps the rest of the policy's threads (settings.threads), so the step never keeps
+        more threads busy than the policy allows.
+        """
+        torch_threads, workers = self.policy.split(requested)
+        use_torch_threads(torch_threads)
+        self.thread_split = (torch_threads, workers)
+        return workers
 
     def output(self, metadata: Mapping[str, Any] | None = None) -> dg.Output:
         """The Dagster Output for this materialization (call after the with-block)."""
@@ -116,6 +130,7 @@ class MaterializationSession:
             "rows": sum(o.rows for o in self.ref.outputs if o.kind == "table"),
             "artifact_dir": dg.MetadataValue.path(str(self.writer.final_dir)),
             "device": self.device,
+            "threads": f"{self.policy.total} (torch {self.thread_split[0]}, decoding workers {self.thread_split[1]})",
             "seconds": round(time.monotonic() - self.started, 2),
             **peak_memory_metadata(),
             "lineage_recorded": self.lineage_recorded,
@@ -149,7 +164,10 @@ def recorded_materialization(
     started_at = _utcnow()
     inputs = list(inputs)
     with ArtifactWriter(settings.home_path, asset, partition, materialization_id) as writer:
-        session = MaterializationSession(writer, materialization_id, inputs, device)
+        policy = settings.thread_policy()
+        # Every step starts within the thread policy; a step that starts decoding workers splits it.
+        use_torch_threads(policy.total)
+        session = MaterializationSession(writer, materialization_id, inputs, device, policy, thread_split=(policy.total, 0))
         reset_peak_memory()
         torch = sys.modules.get("torch")
         if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():

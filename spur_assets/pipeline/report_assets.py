@@ -109,6 +109,7 @@ def metric_report(
     extra_models = parse_extra_models(config.extra_models, reserved=set(checkpoints))
     inputs = upstream_refs(raw_pairs, synthetic_counterfactuals, base_checkpoint, control_checkpoint, finetuned_checkpoint)
     with recorded_materialization(context, settings, config, inputs=inputs, device=str(device)) as session:
+        workers = session.decoding_workers(config.workers)
         evaluations = {}
         for name, ref in checkpoints.items():
             context.log.info(f"scoring the {name} checkpoint ({ref.path('checkpoint')}) on {device}")
@@ -116,14 +117,14 @@ def metric_report(
             cache = embedding_cache_for(settings, ref, bundle, device) if config.embedding_cache else None
             evaluations[name] = evaluate_checkpoint(
                 bundle, eval_set, k=config.k, device=device, batch_size=config.batch_size,
-                progress=context.log.info, n_examples=config.n_examples, workers=config.workers, cache=cache,
+                progress=context.log.info, n_examples=config.n_examples, workers=workers, cache=cache,
             )
         for name, location in extra_models.items():
             context.log.info(f"scoring the extra model {name} ({location}) on {device}")
             bundle = load_checkpoint(location, device=device)
             evaluations[name] = evaluate_checkpoint(
                 bundle, eval_set, k=config.k, device=device, batch_size=config.batch_size,
-                progress=context.log.info, n_examples=config.n_examples, workers=config.workers,
+                progress=context.log.info, n_examples=config.n_examples, workers=workers,
             )
         extra = {
             "lineage": {name: ref.materialization_id for name, ref in checkpoints.items()},

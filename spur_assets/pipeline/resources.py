@@ -7,6 +7,7 @@ from pathlib import Path
 import dagster as dg
 
 from spur_assets.core.lineage import LineageStore
+from spur_assets.core.threads import ThreadPolicy
 
 
 class SpurSettings(dg.ConfigurableResource):
@@ -23,6 +24,9 @@ class SpurSettings(dg.ConfigurableResource):
     # SPUR_ALLOWED_ROOTS: folders (os.pathsep-separated) a batch may read from besides its own
     # folder, e.g. a shared COCO copy; empty = each batch reads only inside its own folder.
     allowed_roots: str = ""
+    # SPUR_THREADS: threads a step may keep busy, its decoding workers included; 0 = the cores this
+    # process may use (CPU affinity and cgroup quota), not os.cpu_count().
+    threads: int = 0
 
     @property
     def home_path(self) -> Path:
@@ -36,12 +40,15 @@ class SpurSettings(dg.ConfigurableResource):
     def allowed_root_paths(self) -> tuple[Path, ...]:
         return tuple(Path(root).expanduser().resolve() for root in self.allowed_roots.split(os.pathsep) if root.strip())
 
+    def thread_policy(self) -> ThreadPolicy:
+        return ThreadPolicy.from_setting(self.threads)
+
     def lineage(self) -> LineageStore:
         return LineageStore(self.home_path)
 
 
 def settings_from_environment(environ: dict[str, str] | None = None) -> SpurSettings:
-    """SpurSettings from SPUR_HOME / SPUR_DATASET / SPUR_BASE_MODEL / SPUR_INBOX / SPUR_DEVICE / SPUR_ALLOWED_ROOTS."""
+    """SpurSettings from SPUR_HOME / SPUR_DATASET / SPUR_BASE_MODEL / SPUR_INBOX / SPUR_DEVICE / SPUR_ALLOWED_ROOTS / SPUR_THREADS."""
     env = os.environ if environ is None else environ
     home = Path(env.get("SPUR_HOME") or ".spur").expanduser().resolve()
     return SpurSettings(
@@ -51,4 +58,5 @@ def settings_from_environment(environ: dict[str, str] | None = None) -> SpurSett
         inbox=env.get("SPUR_INBOX") or str(home / "inbox"),
         device=env.get("SPUR_DEVICE", "auto"),
         allowed_roots=env.get("SPUR_ALLOWED_ROOTS", ""),
+        threads=int(env.get("SPUR_THREADS") or 0),
     )

@@ -1,0 +1,87 @@
+"""The thread policy: one number (SPUR_THREADS, default the cores this process may use) bounds the
+threads a step keeps busy, its decoding workers included. Checked on a running training process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from spur_assets.core.threads import ThreadPolicy, available_cpus, cgroup_cpu_limit
+from tests.test_stop_and_recover import SHORT_TRAINING, SMALL, SpurProcess, _config
+
+
+def test_split_gives_torch_what_the_decoding_workers_leave():
+    assert ThreadPolicy(4).split(1) == (3, 1)
+    assert ThreadPolicy(2).split(1) == (1, 1)
+    assert ThreadPolicy(2).split(0) == (2, 0)
+    assert ThreadPolicy(1).split(3) == (1, 0)  # one thread: decoding moves onto the training thread
+    assert ThreadPolicy(8).split(3) == (5, 3)
+    assert ThreadPolicy(2).pool_size(8) == 2 and ThreadPolicy(8).pool_size(3) == 3
+    with pytest.raises(ValueError):
+        ThreadPolicy.from_setting(-1)
+
+
+def test_default_is_the_cores_this_process_may_use():
+    assert ThreadPolicy.from_setting(0).total == available_cpus() <= len(os.sched_getaffinity(0))
+    assert ThreadPolicy.from_setting(3).total == 3
+
+
+def test_cgroup_quota_is_read_for_v2_and_v1(tmp_path):
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert cgroup_cpu_limit(tmp_path) == 1.5
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert cgroup_cpu_limit(tmp_path) is None
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("300000\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cgroup_cpu_limit(v1) == 3.0
+    assert cgroup_cpu_limit(tmp_path / "nothing") is None
+
+
+def _cpu_ticks(pid: int) -> dict[tuple[int, int], int]:
+    """utime + stime (clock ticks) of every thread of ``pid`` and of its child processes."""
+    ticks: dict[tuple[int, int], int] = {}
+    pids = [pid]
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    if children.exists():
+        pids += [int(p) for p in children.read_text().split()]
+    for process in pids:
+        for task in Path(f"/proc/{process}/task").glob("*"):
+            try:
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            ticks[(process, int(task.name))] = int(fields[11]) + int(fields[12])
+    return ticks
+
+
+def _busy_threads(pid: int, window_s: float = 3.0, share: float = 0.1) -> int:
+    """Threads (of the process and its children) that ran at least ``share`` of a ``window_s`` window."""
+    before = _cpu_ticks(pid)
+    time.sleep(window_s)
+    after = _cpu_ticks(pid)
+    hz = os.sysconf("SC_CLK_TCK")
+    return sum(1 for key, ticks in after.items() if (ticks - before.get(key, 0)) / hz >= share * window_s)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("threads, training", [(1, {}), (2, {"in_memory_mb": 0, "workers": 1})], ids=["one", "two-streamed"])
+def test_a_training_process_keeps_no_more_threads_busy_than_the_policy(tmp_path, threads, training):
+    # Without the policy, torch alone keeps one thread per core busy (2 here), plus a decoding process.
+    home = tmp_path / "home"
+    config = _config(tmp_path / "run.yaml", {"raw_pairs": SMALL, "base_checkpoint": {**SHORT_TRAINING, "epochs": 40, **training}})
+    assert SpurProcess(home, tmp_path / "raw.log", "--select", "raw_pairs", "--config", config).finish() == 0
+    run = SpurProcess(
+        home, tmp_path / "train.log", "--select", "base_checkpoint", "--config", config, env={"SPUR_THREADS": str(threads)}
+    )
+    try:
+        run.wait_for(r"epoch 2 step")
+        busiest = max(_busy_threads(run.process.pid) for _ in range(3))
+    finally:
+        run.stop(signal.SIGTERM)
+    assert 1 <= busiest <= threads, f"{busiest} busy threads with SPUR_THREADS={threads}"
