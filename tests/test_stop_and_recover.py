@@ -108,6 +108,13 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in out.split()]
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
+    except OSError:
+        return ""
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -194,11 +201,14 @@ def test_sigterm_in_a_counterfactual_pool_ends_its_workers(tmp_path):
     deadline = time.monotonic() + 120
     workers: list[int] = []
     while time.monotonic() < deadline and len(workers) < 2:  # the pool's spawned processes
-        workers = [p for p in _children(run.process.pid) if "multiprocessing" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")]
+        workers = [p for p in _children(run.process.pid) if "spawn_main" in _cmdline(p)]  # not the resource tracker
         time.sleep(0.2)
     assert len(workers) >= 2, run.text()[-2000:]
     took = run.stop(signal.SIGTERM)
     assert took < STOP_WITHIN_S and run.process.returncode == 130, run.text()[-2000:]
+    gone_by = time.monotonic() + 5.0  # terminated and joined before spur run exits; allow for reaping
+    while time.monotonic() < gone_by and any(_alive(p) for p in workers):
+        time.sleep(0.1)
     assert not [p for p in workers if _alive(p)]
     assert [status for _, status in _runs(home)][-1] == "CANCELED"
     assert _staging(home) == [] and _lineage_rows(home) == stored

@@ -206,6 +206,8 @@ def _load_manifest_document(path: Path) -> Any:
     try:
         _check_yaml_shape(path, text)
         return yaml.safe_load(text)
+    except DatasetError:
+        raise
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -242,7 +244,11 @@ def read_manifest(path: Path, allowed_roots: Sequence[Path | str] = ()) -> Datas
     except (OSError, ValueError) as error:
         raise DatasetError(path, None, None, f"cannot be read ({error})", "pass the path of an existing dataset.yaml") from error
     if not is_file:
-        raise DatasetError(path, None, None, "manifest file not found", "pass the path of an existing dataset.yaml")
+        found = path.exists()
+        raise DatasetError(
+            path, None, None, "is not a regular file" if found else "manifest file not found",
+            "pass the path of an existing dataset.yaml",
+        )
     document = _load_manifest_document(path)
     if not isinstance(document, dict):
         raise DatasetError(path, None, None, "the manifest is not a YAML mapping", "write `name:` and `splits:` keys")
@@ -290,7 +296,8 @@ def read_manifest(path: Path, allowed_roots: Sequence[Path | str] = ()) -> Datas
                     path, None, where, f"{value!r} resolves to {target}, outside the batch folder {base}; refused", _CONFINE_HINT
                 )
             if not exists:
-                raise DatasetError(path, None, where, f"{kind} {target} does not exist", "fix the path or add the data")
+                what = "is not a " + ("folder" if key == "images" else "regular file") if target.exists() else "does not exist"
+                raise DatasetError(path, None, where, f"{kind} {target} {what}", "fix the path or add the data")
             resolved[key] = target
         parsed[split] = SplitFiles(images_dir=resolved["images"], captions=resolved["captions"], instances=resolved["instances"])
     # Manifest order may differ from the canonical one; keep train before test everywhere.
@@ -760,8 +767,7 @@ def _check_image_size(width: int, height: int, max_pixels: int, field: str = "im
     if width * height > max_pixels:
         raise _BadField(
             field,
-            f"the image is {width}x{height} = {width * height / 1e6:,.1f} megapixels, above the limit of "
-            f"{max_pixels / 1e6:,.1f} (max_image_pixels)",
+            f"the image is {width}x{height} = {width * height:,} pixels, above the limit of {max_pixels:,} (max_image_pixels)",
             "downscale the image, or raise raw_pairs' max_image_pixels if such images are expected",
         )
 
