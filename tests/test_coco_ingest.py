@@ -388,3 +388,34 @@ def test_dataset_error_crosses_a_spawned_worker_intact():
     error = DatasetError("a.json", 7, "annotations.caption", "missing", "add it")
     assert (copy.file, copy.record, copy.field, copy.problem, copy.hint) == ("a.json", 7, "annotations.caption", "missing", "add it")
     assert str(copy) == str(error) == "a.json, record 7, field 'annotations.caption': missing -- add it"
+
+
+@pytest.mark.parametrize("limit", [1600, 100_000])
+def test_decoding_threads_share_the_pixel_limit(manifest, monkeypatch, limit):
+    # N threads decoding N near-limit images at once would multiply the memory of one; the
+    # pixels being decoded at the same time stay within max_image_pixels (one larger image alone).
+    import threading
+    import time as clock
+
+    lock, in_flight, peak = threading.Lock(), [0], [0]
+    original = Image.Image.load
+
+    def slow_load(image):
+        pixels = image.width * image.height
+        with lock:
+            in_flight[0] += pixels
+            peak[0] = max(peak[0], in_flight[0])
+        try:
+            clock.sleep(0.05)  # long enough for every worker to start one
+            return original(image)
+        finally:
+            with lock:
+                in_flight[0] -= pixels
+
+    monkeypatch.setattr(Image.Image, "load", slow_load)
+    result = load_batch(manifest, batch="b1", workers=4, max_image_pixels=limit)
+    assert result.images.height == 5  # every fixture image is at most 48x32 = 1,536 pixels
+    if limit == 1600:
+        assert 0 < peak[0] <= limit
+    else:
+        assert peak[0] > 1600  # without a binding limit the threads do overlap: the check above can fail
