@@ -70,11 +70,13 @@ def _busy_threads(pid: int, window_s: float = 3.0, share: float = 0.1) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("threads, training", [(1, {}), (2, {"in_memory_mb": 0, "workers": 1})], ids=["one", "two-streamed"])
-def test_a_training_process_keeps_no_more_threads_busy_than_the_policy(tmp_path, threads, training):
-    # Without the policy, torch alone keeps one thread per core busy (2 here), plus a decoding process.
+def test_a_training_process_keeps_no_more_threads_busy_than_the_policy(tmp_path):
+    # Without the policy, torch keeps one thread per core busy (2 here): checked, this then fails.
+    # (A streamed variant with SPUR_THREADS=2 and a decoding worker was dropped: its decoder stays
+    # under the busy threshold on 64-px images, so it passed with or without the policy.)
+    threads = 1
     home = tmp_path / "home"
-    config = _config(tmp_path / "run.yaml", {"raw_pairs": SMALL, "base_checkpoint": {**SHORT_TRAINING, "epochs": 40, **training}})
+    config = _config(tmp_path / "run.yaml", {"raw_pairs": SMALL, "base_checkpoint": {**SHORT_TRAINING, "epochs": 40}})
     assert SpurProcess(home, tmp_path / "raw.log", "--select", "raw_pairs", "--config", config).finish() == 0
     run = SpurProcess(
         home, tmp_path / "train.log", "--select", "base_checkpoint", "--config", config, env={"SPUR_THREADS": str(threads)}
