@@ -66,7 +66,7 @@ def load_definitions():
 
 def _resolve_batch(spur_home: Path, dataset: str | None, batch: str | None, replace: bool, allowed_roots) -> tuple[str, str]:
     """(batch id, manifest path or "") for this run. Nothing is registered here: raw_pairs registers on success."""
-    from spur_assets.core.batches import BUILTIN_BATCH, batch_id_for_manifest, batch_taken_error, registered_manifest, validate_batch_id
+    from spur_assets.core.batches import BUILTIN_BATCH, batch_id_for_manifest, refuse_other_manifest, validate_batch_id
     from spur_assets.core.coco_ingest import read_manifest
 
     dataset = dataset or os.environ.get("SPUR_DATASET") or None
@@ -79,9 +79,7 @@ def _resolve_batch(spur_home: Path, dataset: str | None, batch: str | None, repl
         return batch or BUILTIN_BATCH, ""
     manifest = read_manifest(Path(dataset).expanduser().resolve(), allowed_roots)
     key = batch or batch_id_for_manifest(manifest.path, manifest.name)
-    earlier = registered_manifest(spur_home, key)
-    if earlier is not None and earlier != manifest.path and not replace:
-        raise batch_taken_error(manifest.path, key, f"it is registered for {earlier}")
+    refuse_other_manifest(spur_home, key, manifest.path, replace)
     return key, str(manifest.path)
 
 

@@ -21,6 +21,8 @@ Pieces:
 
 from __future__ import annotations
 
+import abc
+
 import copy
 import hashlib
 import json
@@ -1908,11 +1910,12 @@ def ingest_params() -> list[tuple[Case, Mode]]:
 # =========================================================================== the fuzzer's mutation engine
 
 
-class Chooser:
+class Chooser(abc.ABC):
     """What a mutation draws from: backed by hypothesis' ``data.draw`` or by a ``random.Random``."""
 
+    @abc.abstractmethod
     def integer(self, low: int, high: int) -> int:
-        raise NotImplementedError
+        """A whole number from ``low`` to ``high``, both included."""
 
     def choice(self, options):
         options = list(options)

@@ -61,9 +61,7 @@ def register_batch(home: Path, batch: str, manifest: Path, replace: bool = False
     manifest = Path(manifest).resolve()
     if not manifest.is_file():
         raise FileNotFoundError(f"batch {batch!r}: manifest {manifest} does not exist")
-    earlier = registered_manifest(home, batch)
-    if earlier is not None and earlier != manifest and not replace:
-        raise batch_taken_error(manifest, batch, f"it is registered for {earlier}")
+    refuse_other_manifest(home, batch, manifest, replace)
     registry = Path(home) / "batches"
     registry.mkdir(parents=True, exist_ok=True)
     entry = registry / f"{batch}.json"
@@ -76,6 +74,13 @@ def register_batch(home: Path, batch: str, manifest: Path, replace: bool = False
     )
     os.replace(staged, entry)
     return entry
+
+
+def refuse_other_manifest(home: Path, batch: str, manifest: Path, replace: bool = False) -> None:
+    """Raise the batch-taken DatasetError if ``batch`` is registered for another manifest and ``replace`` is off."""
+    earlier = registered_manifest(home, batch)
+    if earlier is not None and earlier != Path(manifest).resolve() and not replace:
+        raise batch_taken_error(Path(manifest).resolve(), batch, f"it is registered for {earlier}")
 
 
 def batch_taken_error(manifest: Path, batch: str, why: str) -> DatasetError:

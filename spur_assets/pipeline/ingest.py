@@ -14,6 +14,7 @@ from spur_assets.core.batch_union import SplitTables, union_split
 from spur_assets.core.batches import (
     BUILTIN_BATCH,
     batch_taken_error,
+    refuse_other_manifest,
     register_batch,
     registered_manifest,
     validate_batch_id,
@@ -76,12 +77,11 @@ def resolve_manifest(settings: SpurSettings, batch: str, config: RawPairsConfig,
     A manifest in the run config that differs from the one registered for ``batch`` is
     refused unless ``config.replace`` is set.
     """
-    registered = registered_manifest(settings.home_path, batch)
     if config.manifest:
         manifest = Path(config.manifest).expanduser().resolve()
-        if registered is not None and registered != manifest and not config.replace:
-            raise batch_taken_error(manifest, batch, f"it is registered for {registered}")
+        refuse_other_manifest(settings.home_path, batch, manifest, config.replace)
         return manifest
+    registered = registered_manifest(settings.home_path, batch)
     if registered is not None:
         return registered
     if batch == BUILTIN_BATCH:
