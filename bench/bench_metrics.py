@@ -7,7 +7,7 @@ matrix and sorts every row; torchmetrics' `RetrievalMAP(top_k=10)` takes the who
 matrix flattened with a query index per entry. Each measurement runs in its own process
 (time and peak memory of the measured block only; embeddings are made before it).
 
-torchmetrics defines AP@k differently from DESIGN.md §4: it divides by the number of
+torchmetrics defines AP@k differently from docs/definitions.md#odmapk-image-to-text: it divides by the number of
 relevant items found in the top k, not by min(k, |R|), and it drops relevant items whose
 score is <= 0. The embeddings here have positive similarities (as CLIP's do), and the
 check converts between the two definitions with the engine's own hit counts
@@ -177,7 +177,7 @@ def run(scale: str = "full", reps: int = 3, device: str = "cpu", log=print) -> S
         engine_ap, hits = np.load(outputs["engine"])
         full_sort_ap = np.load(outputs["full_sort"])
         torchmetrics_ap = np.load(outputs["torchmetrics"])
-    # torchmetrics' AP@k divides by the hits in the top k; DESIGN.md's by min(k, |R|).
+    # torchmetrics' AP@k divides by the hits in the top k; ours (docs/definitions.md) by min(k, |R|).
     torchmetrics_as_design = torchmetrics_ap * hits / min(K, CAPTIONS_PER_IMAGE)
     diff_full_sort = float(np.abs(engine_ap - full_sort_ap).max())
     diff_torchmetrics = float(np.abs(engine_ap - torchmetrics_as_design).max())

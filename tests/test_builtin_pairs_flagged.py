@@ -1,4 +1,4 @@
-"""On the built-in data, the default spurious-pair rule flags every injected pair (DESIGN.md §2, §4)."""
+"""On the built-in data, the default spurious-pair rule flags every injected pair (docs/definitions.md#spurious-pairs)."""
 
 import polars as pl
 

@@ -398,7 +398,7 @@ def test_evaluate_checkpoint_end_to_end_equals_metrics_on_own_embeddings(tiny_se
     result = evaluate_checkpoint(bundle, eval_set, k=3, batch_size=4, progress=messages.append, n_examples=2)
     m = result.metrics
 
-    # The fixed keys of DESIGN.md section 3, values in range.
+    # The fixed keys of report.json's M (docs/data-contract.md#reportjson), values in range.
     assert set(m) >= {"recall", "odmap", "hr", "delta_ctrl"}
     assert set(m["recall"]) == {"i2t", "t2i"} and set(m["recall"]["i2t"]) == {"1", "5", "10"}
     assert set(m["odmap"]["i2t"]) == {"3"} and set(m["hr"]) == {"3", "natural_3", "anchor_only_3"}

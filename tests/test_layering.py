@@ -1,4 +1,4 @@
-"""The science core stays free of Dagster (STYLE.md: two layers, data flows down once)."""
+"""The science core stays free of Dagster (docs/contributing.md#two-layers: two layers, data flows down once)."""
 
 import ast
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""The metric report: DESIGN.md section 3 shape, the verdict line, and the files written."""
+"""The metric report: the shape of docs/data-contract.md#reportjson, the verdict line, and the files written."""
 
 from __future__ import annotations
 
@@ -145,15 +145,15 @@ def test_verdict_claim_holds():
     })
     assert "ODmAP@10 i2t 0.200→0.290 (+0.090), t2i 0.340→0.360 (+0.020)" in line
     assert "R@5 i2t +0.000, t2i +0.020" in line and "HR@10 0.280→0.090 (-0.190)" in line
-    assert "DESIGN's claim holds" in line and "\n" not in line
+    assert "The claim holds" in line and "\n" not in line
 
 
 def test_verdict_claim_fails_and_says_why():
-    # The prototype's numbers (DESIGN.md section 4): t2i did not rise and R@5 fell.
+    # The prototype's numbers: t2i did not rise and R@5 fell.
     base = _metrics(odmap_i2t=0.20, odmap_t2i=0.34, hr=0.28, r5_i2t=0.600, r5_t2i=0.500)
     tuned = _metrics(odmap_i2t=0.29, odmap_t2i=0.34, hr=0.09, r5_i2t=0.582, r5_t2i=0.490, delta=0.03)
     line = verdict({"base": base, "finetuned": tuned})
-    assert "DESIGN's claim does not hold" in line
+    assert "The claim does not hold" in line
     assert "ODmAP@10 t2i did not rise (+0.000)" in line
     assert "R@5 i2t fell by 0.018" in line and "R@5 t2i fell by 0.010" in line
     assert "finetuned Δ_ctrl +0.030 NOT small" in line

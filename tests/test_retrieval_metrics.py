@@ -151,7 +151,7 @@ def test_average_precision_matches_torchmetrics(k):
         preds = similarity[q] + 2.0
         reference = float(retrieval_average_precision(preds, target, top_k=k))
         # torchmetrics divides the sum of rel_i * P@i by the number of relevant items
-        # found in the top k; DESIGN.md divides by min(k, |R|). Rescale to ours.
+        # found in the top k; ours (docs/definitions.md#odmapk-image-to-text) divides by min(k, |R|). Rescale to ours.
         found = int(target[torch.argsort(preds, descending=True)[:k]].sum())
         reference = reference * found / min(k, len(relevant[q]))
         assert float(ours[q]) == pytest.approx(reference, abs=1e-6)

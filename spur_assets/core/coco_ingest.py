@@ -1,6 +1,6 @@
 """Read one COCO-layout dataset batch (a ``dataset.yaml``) into validated Polars tables.
 
-The contract is DESIGN.md §2: a manifest names, per split (``train``, ``test``;
+The contract is docs/data-contract.md#dataset-manifest: a manifest names, per split (``train``, ``test``;
 either may be absent), an images folder, a COCO captions JSON and a COCO
 instances JSON, all relative to the manifest. Real COCO 2017 loads as-is.
 
@@ -44,7 +44,7 @@ from spur_assets.core.errors import DatasetError
 SPLIT_NAMES = ("train", "test")
 _SPLIT_KEYS = ("images", "captions", "instances")
 
-# Exact schemas of the tables load_batch returns (DESIGN.md §2); `batch` and `split` lead every one.
+# Exact schemas of the tables load_batch returns (docs/data-contract.md#tables); `batch` and `split` lead every one.
 _PARTITION = {"batch": pl.Utf8, "split": pl.Utf8}
 IMAGES_SCHEMA = pl.Schema(
     {

@@ -1,4 +1,4 @@
-"""Object co-occurrence statistics and the spurious-pair rule of DESIGN.md §4.
+"""Object co-occurrence statistics and the spurious-pair rule (docs/definitions.md#spurious-pairs).
 
 For an ordered pair (a, b) over a set of images: n_a images contain a, n_ab
 contain both; P(b|a) = n_ab / n_a; lift = P(b|a) / P(b). A pair is flagged when

@@ -1,4 +1,4 @@
-"""The counterfactual EVAL set of DESIGN.md §4: the companion removed, and an equal-area control.
+"""The counterfactual EVAL set (docs/definitions.md#counterfactual-eval-set): the companion removed, and an equal-area control.
 
 For each flagged pair (a, b) and each test image I showing both a and b, where
 b's mask covers at most ``max_companion_fraction`` of I:
@@ -725,7 +725,7 @@ def build_eval_counterfactuals(
     progress: Callable[[str], None] | None = None,
     tasks_per_chunk: int = 4,
 ) -> EvalCounterfactuals:
-    """Build the counterfactual eval set (DESIGN.md §4) for the test split; PNGs go under ``out_dir``.
+    """Build the counterfactual eval set of the test split (docs/definitions.md); PNGs go under ``out_dir``.
 
     Inputs are the ingested images/captions/instances tables (only ``split ==
     "test"`` rows are used) and a frame of flagged pairs (``anchor``,

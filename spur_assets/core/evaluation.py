@@ -8,8 +8,8 @@ Three steps, each usable on its own:
    numbers, so it can be checked by hand.
 2. `embed_eval_set` encodes every image and caption the index names with one checkpoint.
 3. `evaluate_embeddings` hands the embeddings and the index to `retrieval_metrics` (which
-   owns every metric definition of DESIGN.md section 4) and assembles the report's metric
-   dict M (DESIGN.md section 3), one row per pair, a few example retrievals, and every
+   owns every metric definition, docs/definitions.md#metrics) and assembles the report's
+   metric dict M (docs/data-contract.md#reportjson), one row per pair, a few example retrievals, and every
    query's score behind each headline metric (`per_query`, which `attribution` resamples).
 
 `evaluate_checkpoint` runs the three in order.
@@ -55,7 +55,7 @@ __all__ = [
     "write_report",
 ]
 
-RECALL_KS = (1, 5, 10)  # the COCO protocol's K (DESIGN.md section 4), whatever k the ODmAP uses
+RECALL_KS = (1, 5, 10)  # the COCO protocol's K (docs/definitions.md#recallk), whatever k the ODmAP uses
 EXAMPLE_TOP = 5  # captions listed per example retrieval
 
 REMOVAL, CONTROL = "removal", "control"
@@ -169,7 +169,7 @@ class EvalEmbeddings:
 
 @dataclass
 class CheckpointEvaluation:
-    """One checkpoint's scores: M of DESIGN.md section 3, one row per pair, example retrievals.
+    """One checkpoint's scores: M of docs/data-contract.md#reportjson, one row per pair, example retrievals.
 
     metrics: {"recall": {"i2t"|"t2i": {"1","5","10"}}, "odmap": {"i2t"|"t2i": {str(k): macro}},
     "hr": {str(k), "natural_<k>", "anchor_only_<k>"}, "delta_ctrl": float, "pairwise":
@@ -279,7 +279,7 @@ def _edit_sources(
 def build_eval_index(eval_set: EvalSet) -> EvalIndex:
     """Galleries, queries, relevant sets and hard negatives of the eval set (no model involved).
 
-    Contract (DESIGN.md section 4): the caption gallery is the original test captions, then
+    Contract (docs/definitions.md#metrics): the caption gallery is the original test captions, then
     the accepted edits. Removal query I^-b: relevant = I's original captions that do not
     mention b plus the accepted edits of I's captions for that pair; hard negatives = I's
     captions that mention b. Text->image queries: I's original captions that mention b,
@@ -681,7 +681,7 @@ def evaluate_embeddings(
     n_examples: int = 3,
     example_queries: Sequence[int] | None = None,
 ) -> CheckpointEvaluation:
-    """Score one checkpoint's embeddings of the eval set (DESIGN.md sections 3 and 4).
+    """Score one checkpoint's embeddings of the eval set (docs/definitions.md#metrics, docs/data-contract.md#reportjson).
 
     Contract: embeddings are L2-normalised, rows in index order (`EvalIndex`), all on one
     device (ranking runs there). Recall@{1,5,10} uses the test images and original captions

@@ -1,8 +1,8 @@
-"""Export the counterfactual set as a COCO-layout dataset (DESIGN.md §2) that others can load and train on.
+"""Export the counterfactual set as a COCO-layout dataset that others can load and train on.
 
 The dataset's ``train`` split is the train counterfactuals (removal + paste
 images, their captions, their objects); its ``test`` split is the counterfactual
-eval set (removal + control images). Layout::
+eval set (removal + control images). Layout (docs/data-contract.md#exported-counterfactual-dataset)::
 
     <out_dir>/dataset.yaml
     <out_dir>/DATASHEET.md
@@ -334,7 +334,7 @@ def _datasheet(
             "Counterfactual images and captions for auditing and mitigating spurious object correlations "
             "(\"dog => frisbee\") in image-text retrieval models, made by spur-assets "
             "(after Kim, Koepke, Schmid and Akata, CVPR 2023 Workshops, arXiv 2304.03391; "
-            "the definitions are spur-assets' own, see its DESIGN.md).",
+            "the definitions are spur-assets' own, see its docs/definitions.md).",
             "## How it was made\n\n"
             f"Pairs (anchor -> companion): {', '.join(pairs) if pairs else 'none'}.\n\n"
             "- **train** split: for each pair (a, b), *removal* images (a train image showing a and b with every "

@@ -1,6 +1,6 @@
 """The fine-tuning set: originals mixed with train counterfactuals, plus hard-negative links.
 
-DESIGN.md §4 "Mitigation": CLIP's InfoNCE over each batch, where each removal
+docs/definitions.md#fine-tuning-set-and-loss: CLIP's InfoNCE over each batch, where each removal
 image I⁻ᵇ brings its original b-caption as an extra hard-negative text, and each
 original b-caption brings I⁻ᵇ as a hard-negative image. This module only builds
 the index arrays that ``training.train_clip`` takes; it trains nothing.

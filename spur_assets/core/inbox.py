@@ -1,7 +1,7 @@
 """The inbox: batch folders dropped into ``SPUR_INBOX``, read only once marked complete.
 
 A batch is a folder ``SPUR_INBOX/<batch id>/`` in COCO layout with a
-``dataset.yaml`` (DESIGN.md §2). Copying a folder takes time, so a batch counts
+``dataset.yaml`` (docs/data-contract.md#batches). Copying a folder takes time, so a batch counts
 only once its ``READY`` file exists: whoever copies the batch writes that file
 last. Folders without it are left alone, however long they sit there.
 

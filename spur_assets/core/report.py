@@ -1,4 +1,4 @@
-"""The metric report: report.json (DESIGN.md section 3), report.md, a self-contained report.html, plots.
+"""The metric report: report.json (docs/data-contract.md#reportjson), report.md, a self-contained report.html, plots.
 
 Input is one `evaluation.CheckpointEvaluation` per checkpoint name: "base", "finetuned",
 "control" (the same fine-tuning on originals only, no counterfactuals) and any other
@@ -142,7 +142,7 @@ def _gains_problems(gains: object) -> list[str]:
 
 
 def check_report_shape(report: Mapping, k: int | None = None) -> list[str]:
-    """Problems with a report.json object against DESIGN.md section 3; empty when it conforms.
+    """Problems with a report.json object against docs/data-contract.md#reportjson; empty when it conforms.
 
     Contract: report["checkpoints"] is a non-empty mapping of name -> M, each M holding
     recall.{i2t,t2i}.{1,5,10}, odmap.{i2t,t2i}.<k>, hr.{<k>, natural_<k>, anchor_only_<k>}
@@ -245,7 +245,7 @@ def verdict(
     Contract: with "base" alone: whether the shortcut is visible (HR@k on I^-b >= 2x the
     natural rate, and > 0) and whether Delta_ctrl is small (|Delta_ctrl| <= 0.02). With
     "base" and "finetuned": the ODmAP@k and R@5 changes in both directions, the HR@k
-    change, and whether DESIGN.md's claim holds: base shows the shortcut, ODmAP@k rises
+    change, and whether the claim (docs/definitions.md#the-verdict-and-the-claim) holds: base shows the shortcut, ODmAP@k rises
     (strictly) both ways, R@5 falls by no more than `recall_tolerance` both ways (0: does
     not fall), and |Delta_ctrl| <= 0.02 for both checkpoints. Without "base": says so.
     With "control" too, a sentence follows from `gains` (report.json's gains, as
@@ -298,9 +298,9 @@ def verdict(
         if not _small_delta(metrics["delta_ctrl"]):
             failures.append(f"{name} {_delta_text(metrics['delta_ctrl'])}")
     claim = (
-        "DESIGN's claim holds (base shows the shortcut; ODmAP rose both ways; R@5 did not fall; Δ_ctrl small)"
+        "The claim holds (base shows the shortcut; ODmAP rose both ways; R@5 did not fall; Δ_ctrl small)"
         if not failures
-        else "DESIGN's claim does not hold: " + "; ".join(failures)
+        else "The claim does not hold: " + "; ".join(failures)
     )
     line = "finetuned vs base: " + "; ".join(parts) + ". " + claim + "."
     return line + " " + (_attribution_text(gains or {}, k) if CONTROL in checkpoints else NO_CONTROL_TEXT)
@@ -877,8 +877,8 @@ PLOT_TITLES = {
 }
 
 DEFINITIONS = (
-    "Definitions follow DESIGN.md section 4 (this project's own, written to match Kim et al., CVPR 2023 W, "
-    "arXiv 2304.03391, whose full text was not available). Recall@K: COCO protocol on the original test "
+    "Definitions are this project's own (docs/definitions.md in spur-assets), written to match Kim et al., CVPR 2023 W, "
+    "arXiv 2304.03391, whose full text was not available. Recall@K: COCO protocol on the original test "
     "images and captions. ODmAP@k image→text: queries I⁻ᵇ (the companion b inpainted away), relevant = I's "
     "captions without b plus their accepted edits. ODmAP@k text→image: I's original b-captions, relevant = I, "
     "I⁻ᵇ in the gallery as the hard negative. Macro = mean over pairs of per-pair means. HR@k: share of "

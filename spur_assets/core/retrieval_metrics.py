@@ -1,7 +1,7 @@
 """Retrieval metrics: Recall@K (COCO protocol), ODmAP@k in both directions, HR@k, Delta_ctrl,
 pairwise counterfactual accuracy.
 
-Definitions are DESIGN.md section 4. Everything that ranks a gallery goes through
+Definitions: docs/definitions.md#metrics. Everything that ranks a gallery goes through
 `topk_gallery`, which walks the similarity matrix `chunk_size` query rows at a time,
 so no full n_query x n_gallery matrix ever exists: peak extra memory is about
 chunk_size * n_gallery * 4 bytes (the float32 similarities of one chunk) on the

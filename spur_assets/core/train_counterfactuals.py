@@ -1,4 +1,4 @@
-"""The TRAIN counterfactuals of DESIGN.md §4 "Mitigation": removal and paste edits, and the lift they buy.
+"""The TRAIN counterfactuals (docs/definitions.md#train-counterfactuals): removal and paste edits, and the lift they buy.
 
 For each pair (a, b), over the train split only:
 
@@ -680,7 +680,7 @@ def build_train_counterfactuals(
     progress: Callable[[str], None] | None = None,
     tasks_per_chunk: int = 8,
 ) -> TrainCounterfactuals:
-    """Build removal and paste counterfactuals of the train split (DESIGN.md §4 Mitigation); PNGs under ``out_dir``.
+    """Build removal and paste counterfactuals of the train split (docs/definitions.md); PNGs under ``out_dir``.
 
     Inputs: the ingested images/captions/instances tables (only ``split ==
     "train"`` rows are used; images are keyed by (batch, image_id)) and a frame

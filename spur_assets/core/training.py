@@ -9,7 +9,7 @@ batches of the epoch is then shuffled. The shuffling generator is seeded from (s
 an epoch's batches do not depend on what ran before, which keeps resumed runs identical to
 uninterrupted ones.
 
-Hard negatives (DESIGN.md §4, Mitigation). `hard_negative_text[i]` names a caption (by index
+Hard negatives (docs/definitions.md#fine-tuning-set-and-loss). `hard_negative_text[i]` names a caption (by index
 into `captions`) that is a hard-negative TEXT for image i: when i is in a batch that caption
 joins the image→text denominator of every image in the batch, except images it describes
 (its own image). `hard_negative_image[c]` names an image that is a hard-negative IMAGE for

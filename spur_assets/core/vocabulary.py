@@ -1,7 +1,7 @@
 """The object vocabulary: which caption words name which object category.
 
-This is the one module that maps caption text to object categories (DESIGN.md §4,
-"Object mentions"). Everything that asks "does this caption mention a dog?" --
+This is the one module that maps caption text to object categories
+(docs/definitions.md#object-mentions). Everything that asks "does this caption mention a dog?" --
 caption-based co-occurrence, caption edits, the hallucination rate -- asks here.
 
 The synonym list follows CHAIR (Rohrbach et al. 2018, "Object Hallucination in

@@ -1,4 +1,7 @@
-"""Asset checks guarding each hand-off (DESIGN.md §6). Blocking where a bad result would poison what follows."""
+"""Asset checks guarding each hand-off (docs/architecture.md#asset-checks).
+
+Blocking where a bad result would poison what follows.
+"""
 
 
 import dagster as dg
@@ -110,7 +113,10 @@ def weights_finite(checkpoint: ArtifactRef) -> dg.AssetCheckResult:
     )
 
 
-@dg.asset_check(asset=metric_report, description="report.json has DESIGN.md's shape and every metric lies in [0, 1]")
+@dg.asset_check(
+    asset=metric_report,
+    description="report.json has the shape of docs/data-contract.md#reportjson; metrics in [0, 1] (Δ_ctrl in [-1, 1])",
+)
 def report_metrics_in_range(metric_report: ArtifactRef) -> dg.AssetCheckResult:
     import json
 

@@ -37,7 +37,7 @@ from spur_assets.pipeline.ui_metadata import markdown_image, markdown_table
 
 
 class BatchCounterfactualsConfig(dg.Config):
-    """How counterfactual images are made (DESIGN.md §4); shared by both counterfactual assets."""
+    """How counterfactual images are made (docs/definitions.md#counterfactual-eval-set); shared by both counterfactual assets."""
 
     backend: Literal["opencv", "torch", "diffusers"] = "opencv"
     diffusers_model_dir: str = ""  # a local inpainting pipeline folder, for backend=diffusers

@@ -23,7 +23,7 @@ from spur_assets.pipeline.ui_metadata import markdown_image, markdown_table
 
 
 class SpuriousFeaturesConfig(dg.Config):
-    """Thresholds of the spurious-pair rule (DESIGN.md §4)."""
+    """Thresholds of the spurious-pair rule (docs/definitions.md#spurious-pairs)."""
 
     min_support: int = PairThresholds.min_support
     min_conditional: float = PairThresholds.min_conditional

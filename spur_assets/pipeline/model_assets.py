@@ -198,7 +198,7 @@ def base_checkpoint(
 
 
 class FinetunedCheckpointConfig(dg.Config):
-    """Fine-tuning on originals mixed with train counterfactuals (DESIGN.md §4 "Mitigation").
+    """Fine-tuning on originals mixed with train counterfactuals (docs/definitions.md#mitigation).
 
     Optimisation settings left at None come from the recipe for the kind of base
     (core/recipes.py): BUILTIN_BASE_RECIPE for the small CLIP trained here, PRETRAINED_RECIPE

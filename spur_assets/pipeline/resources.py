@@ -11,7 +11,7 @@ from spur_assets.core.threads import ThreadPolicy
 
 
 class SpurSettings(dg.ConfigurableResource):
-    """The configuration names of DESIGN.md §2; each can be overridden by run config.
+    """The configuration names of docs/data-contract.md#configuration; each can be overridden by run config.
 
     Built from the environment by :func:`settings_from_environment`.
     """
