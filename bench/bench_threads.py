@@ -9,7 +9,7 @@ take effect at torch's start), and reports pairs/s over the steps after the firs
 "Beside" runs one `while True: pass` process for the whole configuration. Configurations
 run back to back in one invocation, interleaved over `--repeats`; read the ratios.
 
-    .venv/bin/python bench/bench_threads.py [--steps 40] [--repeats 3] [--out bench/THREADS.json]
+    .venv/bin/python bench/bench_threads.py [--steps 40] [--repeats 3] [--out bench/THREADS.json] [--with-passive]
 
 Target (#15): beside one competitor, at least 0.8 x half the machine's solo throughput.
 """
@@ -34,11 +34,13 @@ from pathlib import Path
 from spur_assets.core.builtin_dataset import BuiltinDatasetSpec, generate_builtin_dataset
 from spur_assets.core.coco_ingest import load_batch
 from spur_assets.core.clip_model import new_small_clip, load_images_uint8
-from spur_assets.core.threads import use_torch_threads
+from spur_assets.core.threads import ThreadPolicy, govern_torch_threads, use_torch_threads
 from spur_assets.core.training import TrainConfig, train_clip
 
 root, threads, steps = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-use_torch_threads(threads)
+policy = ThreadPolicy.from_setting(threads)  # 0: SPUR_THREADS unset, the cores we may use, adapted to the load
+use_torch_threads(policy.total)
+governor = govern_torch_threads(policy.total) if policy.adaptive else None
 manifest = generate_builtin_dataset(root / "data", BuiltinDatasetSpec(n_train=600, n_test=1))
 tables = load_batch(manifest, "bench")
 train = tables.images.filter(tables.images["split"] == "train").sort("image_id")
@@ -54,7 +56,8 @@ def progress(event):
 config = TrainConfig(epochs=8, batch_size=128, lr=1e-3, seed=0, captions_per_image=5, max_steps=steps, log_every_steps=1)
 train_clip(bundle, images, captions, caption_image, config, "cpu", progress=progress)
 (t0, _), (t1, _) = times[0], times[-1]
-print(f"PAIRS_PER_S {(len(times) - 1) * 128 / (t1 - t0):.1f} torch_threads={torch.get_num_threads()}")
+changes = governor.changes if governor is not None else []
+print(f"PAIRS_PER_S {(len(times) - 1) * 128 / (t1 - t0):.1f} torch_threads={torch.get_num_threads()} changes={[t for _, t in changes]}")
 """
 
 
@@ -70,18 +73,26 @@ def run_config(work: Path, threads: int, steps: int, beside: bool, env_extra: di
         if competitor is not None:
             competitor.kill()
             competitor.wait()
-    return float(out.split("PAIRS_PER_S")[1].split()[0])
+    line = out[out.index("PAIRS_PER_S"):].splitlines()[0]
+    print(f"  {line}", flush=True)
+    return float(line.split()[1])
 
 
 # OMP_WAIT_POLICY="" leaves OpenMP at its own default (spin a while, then sleep); PASSIVE makes
 # waiting threads sleep at once (an option for shared machines, not spur-assets' default: see RESULTS.md).
+# threads=0 is what SPUR_THREADS unset gives: the cores this process may use, torch's share
+# following the cores other processes leave free (core/threads.py, ThreadGovernor).
 CONFIGS = {
-    "solo, 2 threads, OpenMP default": dict(threads=2, beside=False, env={"OMP_WAIT_POLICY": ""}),
-    "solo, 2 threads, PASSIVE": dict(threads=2, beside=False, env={"OMP_WAIT_POLICY": "PASSIVE"}),
+    "solo, default (adaptive)": dict(threads=0, beside=False, env={"OMP_WAIT_POLICY": ""}),
+    "solo, 2 threads fixed": dict(threads=2, beside=False, env={"OMP_WAIT_POLICY": ""}),
     "solo, 1 thread": dict(threads=1, beside=False, env={}),
-    "beside 1, 2 threads, OpenMP default": dict(threads=2, beside=True, env={"OMP_WAIT_POLICY": ""}),
-    "beside 1, 2 threads, PASSIVE": dict(threads=2, beside=True, env={"OMP_WAIT_POLICY": "PASSIVE"}),
+    "beside 1, default (adaptive)": dict(threads=0, beside=True, env={"OMP_WAIT_POLICY": ""}),
+    "beside 1, 2 threads fixed": dict(threads=2, beside=True, env={"OMP_WAIT_POLICY": ""}),
     "beside 1, 1 thread": dict(threads=1, beside=True, env={}),
+}
+PASSIVE = {
+    "solo, 2 threads, PASSIVE": dict(threads=2, beside=False, env={"OMP_WAIT_POLICY": "PASSIVE"}),
+    "beside 1, 2 threads, PASSIVE": dict(threads=2, beside=True, env={"OMP_WAIT_POLICY": "PASSIVE"}),
 }
 
 
@@ -90,18 +101,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="")
+    parser.add_argument("--with-passive", action="store_true", help="also OMP_WAIT_POLICY=PASSIVE with 2 fixed threads")
     args = parser.parse_args()
-    results: dict[str, list[float]] = {name: [] for name in CONFIGS}
+    configs = {**CONFIGS, **(PASSIVE if args.with_passive else {})}
+    results: dict[str, list[float]] = {name: [] for name in configs}
     with tempfile.TemporaryDirectory(prefix="bench-threads-") as tmp:
         work = Path(tmp)
         run_config(work, 1, 3, False, {})  # generate the data once, warm the caches
         for repeat in range(args.repeats):
-            for name, config in CONFIGS.items():
+            for name, config in configs.items():
                 value = run_config(work, config["threads"], args.steps, config["beside"], config["env"])
                 results[name].append(value)
                 print(f"repeat {repeat}: {name}: {value:.0f} pairs/s", flush=True)
     medians = {name: sorted(values)[len(values) // 2] for name, values in results.items()}
-    solo = max(medians["solo, 2 threads, OpenMP default"], medians["solo, 2 threads, PASSIVE"])
+    solo = max(value for name, value in medians.items() if name.startswith("solo"))
     fair = 0.8 * solo / 2
     summary = {
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
-import importlib.util
 import json
 import os
 import signal
@@ -14,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 BUILTIN_BATCH_PREVIEW = "preview"
 
 
@@ -54,14 +52,10 @@ def _write_instance_settings(instance_yaml: Path) -> None:
 
 
 def load_definitions():
-    """The Definitions from the repository's definitions.py (the file workspace.yaml loads)."""
-    path = REPO_ROOT / "definitions.py"
-    spec = importlib.util.spec_from_file_location("spur_definitions", path)
-    if spec is None or spec.loader is None:
-        raise FileNotFoundError(f"cannot load {path}; spur needs an editable install of the repository")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.defs
+    """The Definitions `spur run` materializes: the package's, with settings read from the environment now."""
+    from spur_assets.definitions import build_definitions
+
+    return build_definitions()
 
 
 def _resolve_batch(spur_home: Path, dataset: str | None, batch: str | None, replace: bool, allowed_roots) -> tuple[str, str]:
@@ -288,7 +282,8 @@ def _print_where_results_are(spur_home: Path, elapsed: float) -> None:
     else:
         print("[spur] no metric report yet (metric_report is not part of this run)")
     print(f"[spur] lineage: {store.db_path}  (try: spur lineage ancestry raw_pairs)")
-    print(f"[spur] UI: DAGSTER_HOME={os.environ['DAGSTER_HOME']} .venv/bin/dagster dev -w workspace.yaml")
+    dagster = Path(sys.executable).with_name("dagster")
+    print(f"[spur] UI: DAGSTER_HOME={os.environ['DAGSTER_HOME']} {dagster} dev -m spur_assets.definitions")
 
 
 def cmd_lineage(args: argparse.Namespace) -> int:

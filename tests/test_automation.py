@@ -123,6 +123,8 @@ def test_new_batch_runs_everything_and_identical_rerun_trains_nothing():
         _passing_checks(instance, "synthetic_counterfactuals")
         changed = ticks()
         assert "finetuned_checkpoint" in changed and "base_checkpoint" not in changed
+        # the control reads the fine-tune: pulled into the same run, not a tick and a launch later
+        assert {"control_checkpoint", "metric_report"} <= changed
 
 
 def test_failed_blocking_check_holds_what_follows():
@@ -140,3 +142,32 @@ def test_failed_blocking_check_holds_what_follows():
         )
         held = ticks()
         assert "finetuned_checkpoint" not in held and "counterfactual_dataset" not in held
+
+
+def _check_requested(result, asset_key: dg.AssetKey, name: str) -> bool:
+    """Whether the tick requested that check (the result counts requested assets only)."""
+    key = dg.AssetCheckKey(asset_key, name)
+    return any(r.key == key and r.true_subset.size > 0 for r in result.results)
+
+
+def test_a_first_build_trains_fine_tune_control_and_report_in_one_tick():
+    # No check has ever run: the blocking checks are requested with their assets, so what waits
+    # for them joins the same tick (one run) instead of a tick and a run launch each.
+    with dg.instance_for_test() as instance:
+        ticks = Ticks(instance)
+        assert ticks() == set()  # the daemon ticks before any batch arrives
+        instance.add_dynamic_partitions(batches.name, ["b1"])
+        _materialize(instance, "raw_pairs", "pairs-1", "b1")
+        result = dg.evaluate_automation_conditions(defs=DEFS, instance=instance, cursor=ticks.cursor)
+        ticks.cursor = result.cursor
+        assert _check_requested(result, base_checkpoint.key, "base_checkpoint_weights_finite")
+        _materialize(instance, "spurious_features", "sf-1")
+        _passing_checks(instance, "spurious_features")
+        _materialize(instance, "base_checkpoint", "base-1")
+        _passing_checks(instance, "base_checkpoint")
+        _materialize(instance, "batch_counterfactuals", "batch-1", "b1")
+        result = dg.evaluate_automation_conditions(defs=DEFS, instance=instance, cursor=ticks.cursor)
+        requested = {key.to_user_string() for a in ASSETS for key in a.keys if result.get_num_requested(key) > 0}
+        assert {"synthetic_counterfactuals", "finetuned_checkpoint", "control_checkpoint", "metric_report"} <= requested
+        assert _check_requested(result, synthetic_counterfactuals.key, "counterfactual_masks_non_empty")
+        assert _check_requested(result, finetuned_checkpoint.key, "finetuned_checkpoint_weights_finite")

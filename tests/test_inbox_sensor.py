@@ -4,11 +4,12 @@ import json
 import os
 
 import dagster as dg
+from dagster._core.test_utils import create_run_for_test
 import pytest
 
 from spur_assets.core.batches import registered_manifest
 from spur_assets.core.inbox import READY_MARKER, scan_inbox
-from spur_assets.pipeline.inbox_sensor import inbox_sensor
+from spur_assets.pipeline.inbox_sensor import INBOX_TAG, inbox_sensor
 from spur_assets.pipeline.ingest import batches
 from spur_assets.pipeline.resources import SpurSettings
 from tests.coco_fixtures import build_coco_fixture, copy_fixture
@@ -74,7 +75,10 @@ def test_sensor_requests_each_ready_batch_once(tmp_path, fixture_manifest):
         result, cursor = _tick(instance, settings, cursor)
         assert [r.run_key for r in result.run_requests] == ["batch-1"]
         assert [r.partition_key for r in result.run_requests] == ["batch-1"]
-        assert [k.to_user_string() for k in result.run_requests[0].asset_selection] == ["raw_pairs"]
+        # alone, the run takes the whole graph along (a new batch changes every asset), in one run
+        assert [k.to_user_string() for k in result.run_requests[0].asset_selection] == [
+            "raw_pairs", "spurious_features", "batch_counterfactuals", "base_checkpoint", "synthetic_counterfactuals",
+            "finetuned_checkpoint", "control_checkpoint", "metric_report", "counterfactual_dataset"]
         assert [list(r.partition_keys) for r in result.dynamic_partitions_requests] == [["batch-1"]]
         assert result.run_requests[0].run_config["ops"]["raw_pairs"]["config"]["manifest"] == str((half / "dataset.yaml").resolve())
         assert registered_manifest(home, "batch-1") is None
@@ -84,8 +88,14 @@ def test_sensor_requests_each_ready_batch_once(tmp_path, fixture_manifest):
         again, cursor = _tick(instance, settings, cursor)
         assert isinstance(again, dg.SkipReason)
         _drop(fixture_manifest, inbox, "batch-2")
+        # ... while batch-1's run is in flight: batch-2 is ingested alone (statistics or training in
+        # two runs at once could each miss the other's batch; the automation follows instead)
+        in_flight = create_run_for_test(instance, job_name="__ASSET_JOB", status=dg.DagsterRunStatus.STARTED,
+                                        tags={INBOX_TAG: "batch"})
         second, cursor = _tick(instance, settings, cursor)
         assert [r.run_key for r in second.run_requests] == ["batch-1", "batch-2"][1:]
+        assert [k.to_user_string() for k in second.run_requests[0].asset_selection] == ["raw_pairs"]
+        instance.report_run_canceled(in_flight)
 
         # touching READY of a batch already taken does not re-read it
         _apply_partition_requests(instance, second)
@@ -109,6 +119,7 @@ def test_sensor_rejects_bad_folder_without_losing_good_ones(tmp_path, fixture_ma
         _drop(fixture_manifest, inbox, "good")
         result, cursor = _tick(instance, settings, None)
         assert [r.run_key for r in result.run_requests] == ["good"]
+        assert len(result.run_requests[0].asset_selection) == 9  # the only new batch, no run in flight
         assert set(json.loads(cursor)["rejected"]) == {"broken", "taken-before"}
         assert registered_manifest(home, "broken") is None
 

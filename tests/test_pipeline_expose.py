@@ -94,8 +94,16 @@ def test_expose_graph_end_to_end(tmp_path):
         combined = rest.asset_materializations_for_node("synthetic_counterfactuals")[0].metadata
         assert combined["batches_from_partitions"].value == 1 and combined["batches_rebuilt_here"].value == "none"
         assert all(c.passed for c in checks), [(c.check_name, c.metadata) for c in checks if not c.passed]
+        report_meta = rest.asset_materializations_for_node("metric_report")[0].metadata
+        assert {"base_odmap_i2t_10", "finetuned_hr_10", "control_odmap_t2i_10", "gain_odmap_i2t_10"} <= set(report_meta)
+        report = json.loads((home / "reports" / "latest" / "report.json").read_text())  # before k=5 replaces it
+        # another k: the metadata keys follow it
+        at_5 = dg.materialize([*ASSETS, *ALL_CHECKS], selection=[metric_report.key], instance=instance, resources=resources,
+                              run_config={"ops": {"metric_report": {"config": {"k": 5}}}})
+        keys = set(at_5.asset_materializations_for_node("metric_report")[0].metadata)
+        assert {"base_odmap_i2t_5", "base_hr_natural_5", "finetuned_hr_5", "control_odmap_t2i_5", "gain_odmap_t2i_5"} <= keys
+        assert not [key for key in keys if key.endswith("_10")]
 
-    report = json.loads((home / "reports" / "latest" / "report.json").read_text())
     assert check_report_shape(report) == []
     assert set(report["checkpoints"]) == {"base", "control", "finetuned"}
     assert set(report["gains"]["odmap_i2t"]) == {"finetuned-base", "finetuned-control"}

@@ -10,7 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from spur_assets.core.threads import ThreadPolicy, available_cpus, cgroup_cpu_limit
+import subprocess
+import sys
+import threading
+
+from spur_assets.core.threads import ThreadGovernor, ThreadPolicy, available_cpus, cgroup_cpu_limit
 from tests.test_stop_and_recover import SHORT_TRAINING, SMALL, SpurProcess, _config
 
 
@@ -27,7 +31,92 @@ def test_split_gives_torch_what_the_decoding_workers_leave():
 
 def test_default_is_the_cores_this_process_may_use():
     assert ThreadPolicy.from_setting(0).total == available_cpus() <= len(os.sched_getaffinity(0))
-    assert ThreadPolicy.from_setting(3).total == 3
+    assert ThreadPolicy.from_setting(0).adaptive  # not set by hand: follows the load
+    assert ThreadPolicy.from_setting(3) == ThreadPolicy(3, adaptive=False)
+
+
+SPIN = "import time\nend = time.monotonic() + {seconds}\nwhile time.monotonic() < end: pass"
+
+
+def _foreign_spinners(count: int, seconds: float) -> list[int]:
+    """Busy processes that are not this process's descendants (started through a shell that exits)."""
+    pids = []
+    for _ in range(count):
+        out = subprocess.run(
+            ["sh", "-c", f'"{sys.executable}" -c "$0" >/dev/null 2>&1 & echo $!', SPIN.format(seconds=seconds)],
+            capture_output=True, text=True, check=True,
+        ).stdout
+        pids.append(int(out.strip()))
+    return pids
+
+
+def _measure(governor: ThreadGovernor, seconds: float = 2.0) -> int | None:
+    governor.rebalance()  # first sample
+    time.sleep(seconds)
+    return governor.rebalance()
+
+
+def _free_cores(seconds: float = 1.5) -> float:
+    governor = ThreadGovernor(ceiling=1, interval_s=0)
+    governor.free_cores()
+    time.sleep(seconds)
+    return governor.free_cores()
+
+
+@pytest.fixture
+def torch_threads():
+    import torch
+
+    before = torch.get_num_threads()
+    yield torch
+    torch.set_num_threads(before)
+
+
+# The machine may be shared: each test compares readings taken back to back, so that load from
+# processes outside the test moves both alike.
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores to share")
+def test_the_governor_gives_torch_the_cores_other_processes_leave(torch_threads):
+    cores = len(os.sched_getaffinity(0))
+    torch_threads.set_num_threads(cores)
+    before = _free_cores()
+    pids = _foreign_spinners(cores - 1, seconds=30)
+    try:
+        time.sleep(0.5)
+        busy = _free_cores()
+        assert _measure(ThreadGovernor(ceiling=cores, interval_s=0)) == 1
+        assert torch_threads.get_num_threads() == 1
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+    time.sleep(0.5)
+    after = _free_cores()
+    # each foreign spinner took about one core, and gave it back when it ended
+    assert before - busy > 0.7 * (cores - 1) and after - busy > 0.7 * (cores - 1), (before, busy, after)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores to share")
+def test_the_governor_does_not_count_this_process_as_another(torch_threads):
+    # the training thread itself keeps a core busy: that is not someone else's load
+    quiet = _free_cores()
+    stop = threading.Event()
+    spinner = threading.Thread(target=lambda: [None for _ in iter(stop.is_set, True)], daemon=True)
+    spinner.start()
+    try:
+        spinning = _free_cores()
+    finally:
+        stop.set()
+        spinner.join()
+    # counted as another's load, the spinning thread would take one core off the reading
+    assert spinning > quiet - 0.4, (quiet, spinning)
+
+
+def test_the_governor_respects_its_ceiling_and_its_interval(torch_threads):
+    governor = ThreadGovernor(ceiling=1, interval_s=60)
+    assert governor.rebalance() is None  # first sample only
+    assert governor.rebalance() is None  # the interval has not passed
+    governor.interval_s = 0
+    time.sleep(0.5)
+    assert governor.rebalance() == 1 and torch_threads.get_num_threads() == 1
 
 
 def test_cgroup_quota_is_read_for_v2_and_v1(tmp_path):

@@ -275,3 +275,44 @@ def _matches_node_label(asset: str, label: str) -> bool:
             if head and tail and asset.startswith(head) and asset.endswith(tail):
                 return True
     return False
+
+
+RUN_LOG_MESSAGES = """query($runId: ID!) { logsForRun(runId: $runId) { ... on EventConnection {
+  events { __typename ... on MessageEvent { message } } } } }"""
+TERMINATE = """mutation($runId: String!) { terminateRun(runId: $runId, terminatePolicy: SAFE_TERMINATE) {
+  __typename ... on PythonError { message } ... on TerminateRunFailure { message } } }"""
+
+
+def test_d_a_run_terminated_in_the_ui_stops_within_10_s_and_stores_nothing(dev):
+    # A long training launched like the Materialize button, then the run page's Terminate.
+    store = LineageStore(dev.home)
+    before = store.latest("base_checkpoint")
+    training = {"epochs": 400, "batch_size": 32, "captions_per_image": 1, "workers": 0}
+    launched = dev.graphql(LAUNCH, {"executionParams": {
+        "selector": {**_repository_selector(), "pipelineName": "__ASSET_JOB", "assetSelection": [{"path": ["base_checkpoint"]}],
+                     "assetCheckSelection": []},
+        "mode": "default",
+        "runConfigData": {"ops": {"base_checkpoint": {"config": training}}},
+    }})["launchPipelineExecution"]
+    assert launched["__typename"] == "LaunchRunSuccess", launched
+    run_id = launched["run"]["runId"]
+    deadline = time.monotonic() + 300
+    while True:  # until the training loop reports its second epoch: the step is deep in torch
+        events = dev.graphql(RUN_LOG_MESSAGES, {"runId": run_id})["logsForRun"]["events"]
+        if any("epoch 2 " in (e.get("message") or "") for e in events):
+            break
+        assert time.monotonic() < deadline, f"training did not reach epoch 2: {dev.log_tail()}"
+        time.sleep(1)
+    asked = time.monotonic()
+    terminated = dev.graphql(TERMINATE, {"runId": run_id})["terminateRun"]
+    assert terminated["__typename"] == "TerminateRunSuccess", terminated
+    while (status := dev.graphql(RUN_STATUS, {"runId": run_id})["runOrError"]["status"]) not in ("CANCELED", "FAILURE", "SUCCESS"):
+        assert time.monotonic() - asked < 60, f"run still {status} 60 s after Terminate: {dev.log_tail()}"
+        time.sleep(0.5)
+    took = time.monotonic() - asked
+    dev.timings["terminate_to_canceled"] = round(took, 1)
+    assert status == "CANCELED" and took < 10, (status, took, dev.log_tail())
+    # its staging folder is gone and lineage still names the earlier checkpoint
+    assert not list((dev.home / "artifacts").glob("*/*/.staging-*"))
+    after = store.latest("base_checkpoint")
+    assert (after and after["materialization_id"]) == (before and before["materialization_id"])

@@ -34,6 +34,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from spur_assets.core.preprocessing import ImagePreprocessing, decode_image_uint8
+from spur_assets.core.threads import rebalance_threads
 
 # A training split whose prepared pixels fit in this many MiB is decoded once and kept in memory
 # for the run (every epoch reads every image again); a larger one streams. Memory stays bounded by
@@ -133,18 +134,21 @@ def stream_rows(
     source is indexed directly. `ImageFiles` are decoded by `workers` DataLoader processes
     (0 = on this thread) in items of at most DECODE_ITEM_ROWS files, about `prefetch` steps
     ahead in all, and put back together into steps here; on CUDA through pinned memory with
-    non-blocking copies. A file that cannot be read raises OSError naming it.
+    non-blocking copies. A file that cannot be read raises OSError naming it. Between steps
+    torch's threads may follow the machine's load (core/threads.py, rebalance_threads).
     """
     target = torch.device(device)
     plan = [torch.as_tensor(rows, dtype=torch.long).cpu() for rows in steps]
     if not isinstance(images, ImageFiles):
         for rows in plan:
+            rebalance_threads()
             yield images[rows].to(target, non_blocking=True)
         return
     if workers < 0:
         raise ValueError(f"stream_rows: workers={workers} must be >= 0 (0 decodes on the calling thread).")
     if workers == 0:
         for rows in plan:
+            rebalance_threads()
             yield images.load(rows.tolist()).to(target)
         return
     items = [rows[start : start + DECODE_ITEM_ROWS].tolist() for rows in plan for start in range(0, max(1, len(rows)), DECODE_ITEM_ROWS)]
@@ -163,6 +167,7 @@ def stream_rows(
     for rows in plan:
         parts = [next(decoded) for _ in range(max(1, -(-len(rows) // DECODE_ITEM_ROWS)))]
         batch = parts[0] if len(parts) == 1 else torch.cat(parts)
+        rebalance_threads()
         yield batch.to(target, non_blocking=True)
 
 

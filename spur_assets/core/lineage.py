@@ -24,6 +24,7 @@ import random
 import time
 import uuid
 from contextlib import contextmanager
+from importlib import resources
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -34,7 +35,7 @@ import polars as pl
 
 from spur_assets.core.artifacts import OutputFile
 
-SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
+SQL_DIR = Path(str(resources.files("spur_assets").joinpath("sql")))  # package data: installed with the package
 
 # DuckDB view name -> the raw_pairs output it shows; every other table output
 # is shown under its own name.

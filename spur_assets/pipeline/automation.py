@@ -7,7 +7,9 @@ raw_pairs is started by the inbox sensor (one run per batch). From there:
   `eager`, the Dagster default for "keep this up to date". The per-batch
   counterfactual partitions follow their own batch only.
 - Expensive or published results (training the base model, fine-tuning, the
-  report) follow only when an input's *data version* changed. Every asset here
+  report) follow only when an input's *data version* changed, and then as one
+  run: an expensive asset requested pulls the expensive ones that read it into
+  the same run (a run launch costs seconds of process start and a sensor tick). Every asset here
   versions its data by the sha256 of its outputs (recording.py), so re-running
   an upstream step that produced the same bytes — a retried run, a re-ingested
   identical batch, a deterministic rerun — trains nothing and rewrites no report.
@@ -43,13 +45,29 @@ BATCH_REFRESH = (
     & dg.AutomationCondition.all_deps_blocking_checks_passed()
 ).with_label("its batch newly ingested (a statistics refresh alone does not rerun every batch)")
 
+# The expensive assets, in graph order. When one of them is requested, the ones after it that
+# read it are requested in the same tick, so they run in the same run right after it instead
+# of a tick and a run launch later each: its inputs' data version changed, so its own output
+# will too (training on changed data does not reproduce the old weights).
+EXPENSIVE = ("base_checkpoint", "finetuned_checkpoint", "control_checkpoint", "metric_report")
+
 FOLLOW_CHANGED_INPUT = (
     (
         dg.AutomationCondition.newly_missing()
         | dg.AutomationCondition.any_deps_match(dg.AutomationCondition.data_version_changed())
+        | dg.AutomationCondition.any_deps_match(dg.AutomationCondition.will_be_requested()).allow(
+            dg.AssetSelection.assets(*EXPENSIVE)
+        )
     ).since_last_handled()
     & _WAIT_FOR_INPUTS
-).with_label("an input's data version changed")
+).with_label("an input's data version changed (or an expensive input is rebuilt in this run)")
+
+# A blocking check runs with its asset: requested in the tick its asset is (or whenever its asset
+# updated without it). Requested in the same tick, it lets assets that wait for it join the same
+# run (all_deps_blocking_checks_passed accepts a check that will be requested; the run itself
+# holds them back if it fails). Without it, a check that never ran yet held every reader of a new
+# asset back to a tick and a run of its own.
+CHECK_WITH_ITS_ASSET = dg.AutomationCondition.eager().with_label("with its asset")
 
 # asset name -> condition; raw_pairs has none (the inbox sensor requests it).
 CONDITIONS: dict[str, dg.AutomationCondition] = {
@@ -80,12 +98,13 @@ def with_automation(assets: list[dg.AssetsDefinition]) -> list[dg.AssetsDefiniti
     )
 
 
-# Evaluates the conditions every 10 s (Dagster's default is 30 s); on from the start, so a
-# batch dropped into the inbox reaches the report without anyone switching it on.
+# Evaluates the conditions every 5 s (Dagster's default is 30 s): each stage of the chain after a
+# new batch waits for a tick. On from the start, so a batch dropped into the inbox reaches the
+# report without anyone switching it on.
 automation_sensor = dg.AutomationConditionSensorDefinition(
     "spur_automation",
     target=dg.AssetSelection.all() - dg.AssetSelection.assets(raw_pairs),
     default_status=dg.DefaultSensorStatus.RUNNING,
-    minimum_interval_seconds=10,
+    minimum_interval_seconds=5,
     description="Runs the spur-assets automation conditions (spur_assets/pipeline/automation.py).",
 )

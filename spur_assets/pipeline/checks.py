@@ -12,6 +12,7 @@ from safetensors.numpy import load_file
 
 from spur_assets.core.artifacts import ArtifactRef
 from spur_assets.core.vocabulary import mentioned_categories
+from spur_assets.pipeline.automation import CHECK_WITH_ITS_ASSET
 from spur_assets.pipeline.counterfactual_assets import counterfactual_dataset, synthetic_counterfactuals
 from spur_assets.pipeline.expose import spurious_features
 from spur_assets.pipeline.model_assets import base_checkpoint, control_checkpoint, control_enabled, finetuned_checkpoint
@@ -20,7 +21,7 @@ from spur_assets.pipeline.report_assets import metric_report
 
 @dg.asset_check(
     asset=spurious_features,
-    blocking=True,
+    blocking=True, automation_condition=CHECK_WITH_ITS_ASSET,
     description="pair statistics are consistent: n_both <= n_anchor, P(b|a) = n_both / n_anchor in [0, 1], lift finite",
 )
 def pair_statistics_consistent(spurious_features: ArtifactRef) -> dg.AssetCheckResult:
@@ -45,7 +46,7 @@ def pair_statistics_consistent(spurious_features: ArtifactRef) -> dg.AssetCheckR
     )
 
 
-@dg.asset_check(asset=synthetic_counterfactuals, blocking=True, description="every removal and control mask covers pixels")
+@dg.asset_check(asset=synthetic_counterfactuals, blocking=True, automation_condition=CHECK_WITH_ITS_ASSET, description="every removal and control mask covers pixels")
 def counterfactual_masks_non_empty(synthetic_counterfactuals: ArtifactRef) -> dg.AssetCheckResult:
     images = synthetic_counterfactuals.read_table("cf_eval_images")
     empty = images.filter(pl.col("masked_pixels") <= 0)
@@ -55,7 +56,7 @@ def counterfactual_masks_non_empty(synthetic_counterfactuals: ArtifactRef) -> dg
     )
 
 
-@dg.asset_check(asset=synthetic_counterfactuals, blocking=True, description="accepted caption edits no longer mention the companion")
+@dg.asset_check(asset=synthetic_counterfactuals, blocking=True, automation_condition=CHECK_WITH_ITS_ASSET, description="accepted caption edits no longer mention the companion")
 def edited_captions_drop_companion(synthetic_counterfactuals: ArtifactRef) -> dg.AssetCheckResult:
     captions = synthetic_counterfactuals.read_table("cf_eval_captions").filter(pl.col("accepted"))
     still = [
@@ -69,7 +70,7 @@ def edited_captions_drop_companion(synthetic_counterfactuals: ArtifactRef) -> dg
     )
 
 
-@dg.asset_check(asset=synthetic_counterfactuals, blocking=True, description="counterfactual images keep their source's size")
+@dg.asset_check(asset=synthetic_counterfactuals, blocking=True, automation_condition=CHECK_WITH_ITS_ASSET, description="counterfactual images keep their source's size")
 def counterfactual_sizes_unchanged(synthetic_counterfactuals: ArtifactRef) -> dg.AssetCheckResult:
     images = synthetic_counterfactuals.read_table("cf_eval_images")
     wrong = []
@@ -80,17 +81,17 @@ def counterfactual_sizes_unchanged(synthetic_counterfactuals: ArtifactRef) -> dg
     return dg.AssetCheckResult(passed=not wrong, metadata={"checked": images.height, "wrong_size": len(wrong), "examples": str(wrong[:5])})
 
 
-@dg.asset_check(asset=base_checkpoint, blocking=True, description="every weight of the checkpoint is finite")
+@dg.asset_check(asset=base_checkpoint, blocking=True, automation_condition=CHECK_WITH_ITS_ASSET, description="every weight of the checkpoint is finite")
 def base_checkpoint_weights_finite(base_checkpoint: ArtifactRef) -> dg.AssetCheckResult:
     return weights_finite(base_checkpoint)
 
 
-@dg.asset_check(asset=finetuned_checkpoint, blocking=True, description="every weight of the fine-tuned checkpoint is finite")
+@dg.asset_check(asset=finetuned_checkpoint, blocking=True, automation_condition=CHECK_WITH_ITS_ASSET, description="every weight of the fine-tuned checkpoint is finite")
 def finetuned_checkpoint_weights_finite(finetuned_checkpoint: ArtifactRef) -> dg.AssetCheckResult:
     return weights_finite(finetuned_checkpoint)
 
 
-@dg.asset_check(asset=control_checkpoint, blocking=True, description="every weight of the control checkpoint is finite (when one was trained)")
+@dg.asset_check(asset=control_checkpoint, blocking=True, automation_condition=CHECK_WITH_ITS_ASSET, description="every weight of the control checkpoint is finite (when one was trained)")
 def control_checkpoint_weights_finite(control_checkpoint: ArtifactRef) -> dg.AssetCheckResult:
     if not control_enabled(control_checkpoint):
         return dg.AssetCheckResult(passed=True, metadata={"control": "switched off (enabled: false); nothing to check"})

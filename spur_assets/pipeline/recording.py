@@ -23,7 +23,7 @@ import dagster as dg
 from spur_assets import __version__
 from spur_assets.core.artifacts import ArtifactRef, ArtifactWriter, data_version_of
 from spur_assets.core.lineage import LineageEdge, MaterializationRecord, new_materialization_id
-from spur_assets.core.threads import ThreadPolicy, use_torch_threads
+from spur_assets.core.threads import ThreadGovernor, ThreadPolicy, govern_torch_threads, use_torch_threads
 from spur_assets.pipeline.resources import SpurSettings
 
 
@@ -108,6 +108,7 @@ class MaterializationSession:
     ref: ArtifactRef | None = None
     lineage_recorded: bool = False
     thread_split: tuple[int, int] = (1, 0)
+    governor: ThreadGovernor | None = None
 
     def decoding_workers(self, requested: int) -> int:
         """Split the step's threads for ``requested`` decoding processes beside torch; returns the workers to start.
@@ -118,7 +119,20 @@ class MaterializationSession:
         torch_threads, workers = self.policy.split(requested)
         use_torch_threads(torch_threads)
         self.thread_split = (torch_threads, workers)
+        self._govern(torch_threads)
         return workers
+
+    def _govern(self, torch_threads: int) -> None:
+        if self.policy.adaptive:
+            self.governor = govern_torch_threads(torch_threads)
+
+    def _threads_metadata(self) -> str:
+        torch_threads, workers = self.thread_split
+        text = f"{self.policy.total} (torch {torch_threads}, decoding workers {workers})"
+        if self.governor is not None and self.governor.changes:
+            lowest = min(threads for _, threads in self.governor.changes)
+            text += f"; torch threads changed {len(self.governor.changes)} times for other processes' load (lowest {lowest})"
+        return text
 
     def output(self, metadata: Mapping[str, Any] | None = None) -> dg.Output:
         """The Dagster Output for this materialization (call after the with-block)."""
@@ -130,7 +144,7 @@ class MaterializationSession:
             "rows": sum(o.rows for o in self.ref.outputs if o.kind == "table"),
             "artifact_dir": dg.MetadataValue.path(str(self.writer.final_dir)),
             "device": self.device,
-            "threads": f"{self.policy.total} (torch {self.thread_split[0]}, decoding workers {self.thread_split[1]})",
+            "threads": self._threads_metadata(),
             "seconds": round(time.monotonic() - self.started, 2),
             **peak_memory_metadata(),
             "lineage_recorded": self.lineage_recorded,
@@ -168,11 +182,15 @@ def recorded_materialization(
         # Every step starts within the thread policy; a step that starts decoding workers splits it.
         use_torch_threads(policy.total)
         session = MaterializationSession(writer, materialization_id, inputs, device, policy, thread_split=(policy.total, 0))
+        session._govern(policy.total)
         reset_peak_memory()
         torch = sys.modules.get("torch")
         if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.reset_peak_memory_stats()
-        yield session
+        try:
+            yield session
+        finally:
+            govern_torch_threads(None)  # the next step starts from its own policy
         outputs = writer.commit()
     data_version = data_version_of(outputs)
     record = MaterializationRecord(

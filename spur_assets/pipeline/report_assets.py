@@ -84,7 +84,8 @@ def publish_latest(home: Path, report_dir: Path) -> Path:
     ins=ALL_BATCHES,
     description=(
         "Every checkpoint scored on the same eval set: Recall@1/5/10 both directions (COCO protocol), "
-        "ODmAP@10 image->text and text->image, HR@10 with natural and anchor-only rates, Delta_ctrl, per "
+        "ODmAP@k image->text and text->image, HR@k with natural and anchor-only rates (k = config.k, 10 by default; "
+        "metadata keys end in _<k>), Delta_ctrl, per "
         "pair, for base_checkpoint, control_checkpoint, finetuned_checkpoint and any extra models side by side, with "
         "the fine-tune's gains over base and over the control (paired bootstrap 95% CIs), pairwise counterfactual "
         "accuracy and the over-correction check. Writes report.json, report.md and report.html; SPUR_HOME/reports/latest points at the newest."
@@ -145,29 +146,29 @@ def metric_report(
         "report_json": dg.MetadataValue.path(str(latest / "report.json")),
         "report_html": dg.MetadataValue.path(str(report_dir / "report.html")),
         "verdict": _verdict_line(report_dir),
-        "base_odmap_i2t_10": base["odmap"]["i2t"][str(config.k)],
-        "base_odmap_t2i_10": base["odmap"]["t2i"][str(config.k)],
-        "base_hr_10": base["hr"][str(config.k)],
-        "base_hr_natural_10": base["hr"][f"natural_{config.k}"],
+        f"base_odmap_i2t_{k}": base["odmap"]["i2t"][k],
+        f"base_odmap_t2i_{k}": base["odmap"]["t2i"][k],
+        f"base_hr_{k}": base["hr"][k],
+        f"base_hr_natural_{k}": base["hr"][f"natural_{k}"],
         "base_delta_ctrl": base["delta_ctrl"],
         "base_recall_i2t_5": base["recall"]["i2t"]["5"],
         "base_recall_t2i_5": base["recall"]["t2i"]["5"],
-        "finetuned_odmap_i2t_10": tuned["odmap"]["i2t"][k],
-        "finetuned_odmap_t2i_10": tuned["odmap"]["t2i"][k],
-        "finetuned_hr_10": tuned["hr"][k],
+        f"finetuned_odmap_i2t_{k}": tuned["odmap"]["i2t"][k],
+        f"finetuned_odmap_t2i_{k}": tuned["odmap"]["t2i"][k],
+        f"finetuned_hr_{k}": tuned["hr"][k],
         "finetuned_delta_ctrl": tuned["delta_ctrl"],
         "finetuned_recall_i2t_5": tuned["recall"]["i2t"]["5"],
         "finetuned_recall_t2i_5": tuned["recall"]["t2i"]["5"],
-        "gain_odmap_i2t_10": tuned["odmap"]["i2t"][k] - base["odmap"]["i2t"][k],
-        "gain_odmap_t2i_10": tuned["odmap"]["t2i"][k] - base["odmap"]["t2i"][k],
+        f"gain_odmap_i2t_{k}": tuned["odmap"]["i2t"][k] - base["odmap"]["i2t"][k],
+        f"gain_odmap_t2i_{k}": tuned["odmap"]["t2i"][k] - base["odmap"]["t2i"][k],
         "per_pair": markdown_table(pl.DataFrame(_per_pair_rows(evaluations))),
     }
     if "control" in evaluations:
         control = evaluations["control"].metrics
         metadata.update({
-            "control_odmap_i2t_10": control["odmap"]["i2t"][k],
-            "control_odmap_t2i_10": control["odmap"]["t2i"][k],
-            "control_hr_10": control["hr"][k],
+            f"control_odmap_i2t_{k}": control["odmap"]["i2t"][k],
+            f"control_odmap_t2i_{k}": control["odmap"]["t2i"][k],
+            f"control_hr_{k}": control["hr"][k],
             "control_recall_i2t_5": control["recall"]["i2t"]["5"],
             "control_recall_t2i_5": control["recall"]["t2i"]["5"],
         })
