@@ -8,7 +8,6 @@ import fcntl
 import json
 import os
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
@@ -162,33 +161,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-_ACTIVE = ("STARTING", "STARTED", "CANCELING", "QUEUED", "NOT_STARTED")
-
-
 def _owner_tags() -> dict[str, str]:
     """Tags naming the process that runs a `spur run` step, so a later start can tell if it died."""
-    return {"spur/pid": str(os.getpid()), "spur/host": socket.gethostname()}
+    from spur_assets.pipeline.recovery import owner_tags
+
+    return owner_tags()
 
 
 def _recover_from_dead_runs(instance, spur_home: Path) -> None:
-    """Mark `spur run` runs whose process is gone as failed, and remove staging folders nobody writes.
+    """Mark runs whose process is gone as failed, and remove staging folders nobody writes (pipeline/recovery.py)."""
+    from spur_assets.pipeline.recovery import fail_dead_runs
 
-    A run killed with SIGKILL (or by the OOM killer, or a power cut) cannot report its own end:
-    its Dagster run would stay STARTED forever and its half-written outputs would stay on disk.
-    """
-    import dagster as dg
-
-    from spur_assets.core.artifacts import process_alive, remove_dead_staging
-
-    host = socket.gethostname()
-    statuses = [dg.DagsterRunStatus[name] for name in _ACTIVE]
-    for run in instance.get_runs(filters=dg.RunsFilter(statuses=statuses, tags={"spur/host": host})):
-        pid = run.tags.get("spur/pid", "")
-        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
-            instance.report_run_failed(run, f"the process running it (pid {pid} on {host}) is gone; marked failed by spur run")
-            print(f"[spur] run {run.run_id}: its process {pid} is gone; marked FAILURE", file=sys.stderr)
-    for folder in remove_dead_staging(spur_home):
-        print(f"[spur] removed {folder}: staging of a process that is gone", file=sys.stderr)
+    for line in fail_dead_runs(instance, spur_home, "spur run"):
+        print(f"[spur] {line}", file=sys.stderr)
 
 
 def _interrupted(result) -> bool:

@@ -28,6 +28,7 @@ from spur_assets.pipeline.inbox_sensor import inbox_sensor
 from spur_assets.pipeline.ingest import raw_pairs
 from spur_assets.pipeline.model_assets import base_checkpoint, control_checkpoint, finetuned_checkpoint
 from spur_assets.pipeline.pipes import PIPES_SUBPROCESS_KEY, pipes_subprocess_client
+from spur_assets.pipeline.recovery import dead_run_sensor
 from spur_assets.pipeline.refs_io_manager import ArtifactRefIOManager
 from spur_assets.pipeline.report_assets import metric_report
 from spur_assets.pipeline.resources import SpurSettings, settings_from_environment
@@ -77,7 +78,7 @@ def build_definitions(
     return dg.Definitions(
         assets=with_automation(ASSETS),
         asset_checks=ALL_CHECKS,
-        sensors=[inbox_sensor, automation_sensor],
+        sensors=[inbox_sensor, automation_sensor, dead_run_sensor],
         resources=resources_for(settings),
         executor=executor,
     )

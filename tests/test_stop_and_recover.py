@@ -212,3 +212,50 @@ def test_sigterm_in_a_counterfactual_pool_ends_its_workers(tmp_path):
     assert not [p for p in workers if _alive(p)]
     assert [status for _, status in _runs(home)][-1] == "CANCELED"
     assert _staging(home) == [] and _lineage_rows(home) == stored
+
+
+def test_the_dead_run_sensor_fails_daemon_runs_whose_process_is_gone(tmp_path):
+    # A run the daemon launched and the OOM killer ended: tagged with its process by its first
+    # step, STARTED forever without the sensor. A run whose process lives is left alone.
+    import socket
+
+    import dagster as dg
+    from dagster._core.test_utils import create_run_for_test
+
+    from spur_assets.pipeline.recovery import HOST_TAG, PID_TAG, dead_run_sensor
+    from spur_assets.pipeline.resources import SpurSettings
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    home = tmp_path / "home"
+    staging = home / "artifacts" / "base_checkpoint" / "_" / f".staging-abc.pid{gone.pid}"
+    staging.mkdir(parents=True)
+    with dg.instance_for_test() as instance:
+        host = socket.gethostname()
+        dead = create_run_for_test(instance, status=dg.DagsterRunStatus.STARTED, tags={PID_TAG: str(gone.pid), HOST_TAG: host})
+        alive = create_run_for_test(instance, status=dg.DagsterRunStatus.STARTED, tags={PID_TAG: str(os.getpid()), HOST_TAG: host})
+        context = dg.build_sensor_context(instance=instance, resources={"settings": SpurSettings(home=str(home))})
+        result = dead_run_sensor(context)
+        assert instance.get_run_by_id(dead.run_id).status == dg.DagsterRunStatus.FAILURE
+        assert instance.get_run_by_id(alive.run_id).status == dg.DagsterRunStatus.STARTED
+        assert not staging.exists() and "marked FAILURE" in result.skip_message
+        assert "no run with a dead process" in dead_run_sensor(context).skip_message
+
+
+def test_every_step_tags_its_run_with_the_process_executing_it(tmp_path):
+    import dagster as dg
+
+    from spur_assets.definitions import resources_for
+    from spur_assets.pipeline.ingest import batches, raw_pairs
+    from spur_assets.pipeline.recovery import PID_TAG
+    from spur_assets.pipeline.resources import SpurSettings
+
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(batches.name, ["builtin"])
+        result = dg.materialize(
+            [raw_pairs], partition_key="builtin", instance=instance,
+            resources=resources_for(SpurSettings(home=str(tmp_path / "home"), device="cpu")),
+            run_config={"ops": {"raw_pairs": {"config": {"builtin_n_train": 40, "builtin_n_test": 10, "workers": 1}}}},
+        )
+        assert result.success
+        assert instance.get_run_by_id(result.run_id).tags[PID_TAG] == str(os.getpid())

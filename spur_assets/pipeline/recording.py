@@ -24,6 +24,7 @@ from spur_assets import __version__
 from spur_assets.core.artifacts import ArtifactRef, ArtifactWriter, data_version_of
 from spur_assets.core.lineage import LineageEdge, MaterializationRecord, new_materialization_id
 from spur_assets.core.threads import ThreadGovernor, ThreadPolicy, govern_torch_threads, use_torch_threads
+from spur_assets.pipeline.recovery import tag_run_with_this_process
 from spur_assets.pipeline.resources import SpurSettings
 
 
@@ -177,6 +178,7 @@ def recorded_materialization(
     materialization_id = new_materialization_id()
     started_at = _utcnow()
     inputs = list(inputs)
+    tag_run_with_this_process(context)  # so a run whose process dies is found and failed (recovery.py)
     with ArtifactWriter(settings.home_path, asset, partition, materialization_id) as writer:
         policy = settings.thread_policy()
         # Every step starts within the thread policy; a step that starts decoding workers splits it.
