@@ -2,7 +2,7 @@
 # Create or refresh .venv with the pinned dependencies. Idempotent: a stamp of
 # pyproject.toml + constraints.txt (+ which extras) skips the install when nothing changed.
 #   SPUR_PYTHON   interpreter to build the venv from (default: python3.11, else python3)
-#   SPUR_TORCH    pip arguments for torch (default: torch==2.13.0); see README "GPU"
+#   SPUR_TORCH    pip arguments for torch (default: torch==2.13.0); see docs/configuration.md "GPU"
 #   SPUR_EXTRAS   pip extras to install beside the package: "test" for the test suite
 #                 (scripts/test.sh sets it); empty (the demo) installs only what the pipeline runs on
 set -euo pipefail

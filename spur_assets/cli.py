@@ -59,8 +59,8 @@ def load_definitions():
 
 def _resolve_batch(spur_home: Path, dataset: str | None, batch: str | None, replace: bool, allowed_roots) -> tuple[str, str]:
     """(batch id, manifest path or "") for this run. Nothing is registered here: raw_pairs registers on success."""
-    from spur_assets.core.batches import BUILTIN_BATCH, batch_id_for_manifest, refuse_other_manifest, validate_batch_id
-    from spur_assets.core.coco_ingest import read_manifest
+    from spur_assets.core.data.batches import BUILTIN_BATCH, batch_id_for_manifest, refuse_other_manifest, validate_batch_id
+    from spur_assets.core.data.coco_ingest import read_manifest
 
     dataset = dataset or os.environ.get("SPUR_DATASET") or None
     try:
@@ -209,7 +209,7 @@ def _dataset_errors(result) -> list[str]:
         error = event.step_failure_data.error
         while error is not None:
             if error.cls_name == "DatasetError":
-                message = error.message.strip().removeprefix("spur_assets.core.errors.DatasetError: ")
+                message = error.message.strip().removeprefix("spur_assets.core.data.errors.DatasetError: ")
                 lines.append(" ".join(message.split()))
                 break
             error = error.cause
@@ -250,7 +250,7 @@ def _run_config_for(run_config: dict, keys) -> dict:
 
 
 def _print_where_results_are(spur_home: Path, elapsed: float) -> None:
-    from spur_assets.core.lineage import LineageStore
+    from spur_assets.core.records.lineage import LineageStore
 
     store = LineageStore(spur_home)
     summary = store.query("materializations_by_asset")
@@ -275,7 +275,7 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     spur_home = _prepare_environment(args.home)
     import polars as pl
 
-    from spur_assets.core.lineage import LineageStore
+    from spur_assets.core.records.lineage import LineageStore
 
     store = LineageStore(spur_home)
     pl.Config.set_tbl_rows(200)
@@ -299,13 +299,13 @@ def cmd_lineage(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(chain.to_dicts(), default=str, indent=1))
         elif args.mermaid:
-            from spur_assets.core.lineage_graph import ancestry_mermaid
+            from spur_assets.core.records.lineage_graph import ancestry_mermaid
 
             print(ancestry_mermaid(chain), end="")
         else:
             print(chain.select("depth", "asset", "partition", "materialization_id", "data_version", "run_id", "ended_at"))
         if args.png:
-            from spur_assets.core.lineage_graph import render_ancestry_png
+            from spur_assets.core.records.lineage_graph import render_ancestry_png
 
             target = chain.row(0, named=True)
             title = f"ancestry of {target['asset']} {materialization_id[:12]}"
@@ -342,9 +342,9 @@ def _print_inputs(store, materialization_id: str, as_json: bool) -> int:
 
 
 def cmd_dataset(args: argparse.Namespace) -> int:
-    from spur_assets.core.builtin_dataset import BuiltinDatasetSpec, generate_builtin_dataset
-    from spur_assets.core.coco_ingest import load_batch
-    from spur_assets.core.contact_sheet import draw_contact_sheet
+    from spur_assets.core.data.builtin_dataset import BuiltinDatasetSpec, generate_builtin_dataset
+    from spur_assets.core.data.coco_ingest import load_batch
+    from spur_assets.core.data.contact_sheet import draw_contact_sheet
 
     spec = BuiltinDatasetSpec(seed=args.seed, n_train=args.n_train, n_test=args.n_test, image_size=args.image_size)
     started = time.monotonic()
@@ -408,13 +408,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "command", None) == "dataset":
-        from spur_assets.core.builtin_dataset import BuiltinDatasetSpec
+        from spur_assets.core.data.builtin_dataset import BuiltinDatasetSpec
 
         defaults = BuiltinDatasetSpec()
         args.n_train = args.n_train or defaults.n_train
         args.n_test = args.n_test or defaults.n_test
         args.image_size = args.image_size or defaults.image_size
-    from spur_assets.core.errors import DatasetError
+    from spur_assets.core.data.errors import DatasetError
 
     try:
         return args.func(args)

@@ -1,6 +1,6 @@
 """One rank of a data-parallel training run: `torchrun --nproc_per_node=N --standalone -m spur_assets.train_worker JOB_DIR`.
 
-JOB_DIR holds a training job (core/training_job.py). Every rank joins the process group,
+JOB_DIR holds a training job (core/model/training_job.py). Every rank joins the process group,
 reads the job and runs the same `train_clip` as the one-process path, with its slice of each
 global batch. Rank 0 alone writes: the trained checkpoint (save_pretrained) at the job's
 output_checkpoint and `result.json` in JOB_DIR. When Dagster started the run through Pipes,
@@ -22,11 +22,11 @@ from pathlib import Path
 
 from dagster_pipes import PipesContext, PipesEnvVarParamsLoader, open_dagster_pipes
 
-from spur_assets.core.clip_model import load_checkpoint, save_checkpoint
-from spur_assets.core.distributed import close_data_parallel, init_data_parallel
-from spur_assets.core.image_stream import source_length
-from spur_assets.core.training import train_clip
-from spur_assets.core.training_job import read_training_job, read_training_result, write_training_result
+from spur_assets.core.model.clip_model import load_checkpoint, save_checkpoint
+from spur_assets.core.model.distributed import close_data_parallel, init_data_parallel
+from spur_assets.core.data.image_stream import source_length
+from spur_assets.core.model.training import train_clip
+from spur_assets.core.model.training_job import read_training_job, read_training_result, write_training_result
 
 
 def _progress_line(event: dict) -> str:
@@ -48,7 +48,7 @@ def pipes_metadata(result: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """Run one rank of the job in argv[0]; returns the exit status (0 on success, errors raise)."""
     parser = argparse.ArgumentParser(prog="spur_assets.train_worker", description=__doc__.splitlines()[0])
-    parser.add_argument("job_dir", type=Path, help="folder written by core.training_job.write_training_job")
+    parser.add_argument("job_dir", type=Path, help="folder written by core.model.training_job.write_training_job")
     args = parser.parse_args(argv)
 
     job = read_training_job(args.job_dir)

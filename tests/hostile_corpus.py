@@ -1,7 +1,7 @@
 """Hostile input for issue #14: case builders, an isolated ingest harness and a snapshot of stored data.
 
 The rule under test: every input ends either *accepted with exact content* or in a
-:class:`spur_assets.core.errors.DatasetError` naming file, record and field -- never another
+:class:`spur_assets.core.data.errors.DatasetError` naming file, record and field -- never another
 exception, never a crash of the process -- and a refused batch changes no stored data
 (``SPUR_HOME/batches``, ``artifacts/``, ``refs/``, the lineage rows and the raw_* views).
 Every case stays under 2 GB peak RSS.
@@ -110,7 +110,7 @@ def _reset_peak() -> None:
 
 
 def _outcome_of_error(error: BaseException) -> Outcome:
-    from spur_assets.core.errors import DatasetError
+    from spur_assets.core.data.errors import DatasetError
 
     is_dataset_error = isinstance(error, DatasetError)
     try:
@@ -206,7 +206,7 @@ def load(
     max_image_pixels: int | None = None,
 ) -> Outcome:
     """load_batch in this process, workers=1; the tables come back summarized."""
-    from spur_assets.core.coco_ingest import load_batch
+    from spur_assets.core.data.coco_ingest import load_batch
 
     kwargs: dict[str, Any] = {}
     if allowed_roots is not None:
@@ -240,7 +240,7 @@ def _worker_main(conn, log_path: str, address_space: int) -> None:
     import dagster as dg
 
     import spur_assets.pipeline.ingest  # noqa: F401 -- import before the first timed call
-    import spur_assets.core.coco_ingest  # noqa: F401
+    import spur_assets.core.data.coco_ingest  # noqa: F401
 
     instance = dg.DagsterInstance.ephemeral()
     conn.send(("ready", os.getpid()))
@@ -1861,7 +1861,7 @@ def build_env(base: Path, worker: Worker) -> Env:
         raise RuntimeError(f"the valid batch itself was not accepted: {outcome.describe()}")
     if not (template_home / "batches" / f"{GOOD_BATCH}.json").exists():
         # Before issue #14, raw_pairs did not register what it read (the CLI did, first).
-        from spur_assets.core.batches import register_batch
+        from spur_assets.core.data.batches import register_batch
 
         register_batch(template_home, GOOD_BATCH, pristine)
     near_limit = base / "near-limit.png"

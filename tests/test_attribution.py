@@ -9,19 +9,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from spur_assets.core.attribution import (
+from spur_assets.core.metrics.attribution import (
     QueryScores,
     attributable_gains,
     better_direction,
     headline_path,
     paired_bootstrap_gain,
 )
-from spur_assets.core.evaluation import CheckpointEvaluation, build_eval_index, evaluate_embeddings
+from spur_assets.core.metrics.evaluation import CheckpointEvaluation, build_eval_index, evaluate_embeddings
 from tests.test_evaluation import _toy_eval_set
 
 
 def _naive_bootstrap(base, tuned, strata, resamples, seed):
-    """The loop bench/pipeline_seeds.py used to run: resample each stratum's scored queries, macro mean."""
+    """The loop bench/experiments/pipeline_seeds.py used to run: resample each stratum's scored queries, macro mean."""
     strata = np.asarray(strata)
     diff = np.asarray(tuned, dtype=float) - np.asarray(base, dtype=float)
     rows = [np.flatnonzero((strata == s) & np.isfinite(diff)) for s in sorted(set(strata.tolist()))]

@@ -1,7 +1,7 @@
 import polars as pl
 import pytest
 
-from spur_assets.core.batch_union import union_split
+from spur_assets.core.data.batch_union import union_split
 
 
 def _tables(batch, image_ids, split="test"):

@@ -1,6 +1,6 @@
-"""Smoke test of bench/: every benchmark runs at its tiny size, so the code cannot rot.
+"""Smoke test of bench/benchmarks/: every benchmark runs at its tiny size, so the code cannot rot.
 
-No timing is asserted (timing belongs to bench/run). What is asserted are the checks
+No timing is asserted (timing belongs to bench/benchmarks/run). What is asserted are the checks
 the benchmarks make against independent references: the metric engine's AP@10 equals a
 full-sort implementation and torchmetrics (its definition converted), the co-occurrence
 counts equal an indicator-matrix product, and the demo probe sees the core calls of a
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from bench import bench_cooccurrence, bench_counterfactuals, bench_demo, bench_embedding, bench_metrics, bench_training
-from bench.harness import REPO_ROOT, Figure, Section, figures_table, peak_memory, render_results, render_section
+from bench.benchmarks import bench_cooccurrence, bench_counterfactuals, bench_demo, bench_embedding, bench_metrics, bench_training
+from bench.benchmarks.harness import REPO_ROOT, Figure, Section, figures_table, peak_memory, render_results, render_section
 
 
 def quiet(message: str) -> None:
@@ -108,8 +108,8 @@ def test_demo_probe_times_core_calls_in_a_process_named_spur(tmp_path):
     probe = json.loads(out.read_text())
     names = [call["name"] for call in probe["calls"]]
     assert names == [
-        "spur_assets.core.cooccurrence.image_categories_from_instances",
-        "spur_assets.core.cooccurrence.pair_statistics",
+        "spur_assets.core.counterfactuals.cooccurrence.image_categories_from_instances",
+        "spur_assets.core.counterfactuals.cooccurrence.pair_statistics",
     ]
     assert {call["category"] for call in probe["calls"]} == {"core: science"}
 
@@ -150,7 +150,7 @@ def test_results_markdown_has_machine_summary_and_sections():
 def test_pipeline_seeds_bootstrap_is_the_macro_gain_with_a_paired_interval():
     import numpy as np
 
-    from bench.pipeline_seeds import bootstrap_macro_gain
+    from bench.experiments.pipeline_seeds import bootstrap_macro_gain
 
     # Two pairs of unequal size: the gain is the mean of the per-pair mean gains (macro), nan queries skipped.
     base = np.array([0.1, 0.2, 0.3, 0.4, np.nan, 0.0])

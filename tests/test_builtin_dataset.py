@@ -14,8 +14,8 @@ import yaml
 from PIL import Image
 from pycocotools.coco import COCO
 
-from spur_assets.core import builtin_dataset
-from spur_assets.core.builtin_dataset import (
+from spur_assets.core.data import builtin_dataset
+from spur_assets.core.data.builtin_dataset import (
     BUILTIN_CATEGORIES,
     INJECTED_PAIRS,
     BuiltinDatasetSpec,
@@ -23,7 +23,7 @@ from spur_assets.core.builtin_dataset import (
     intended_mentions,
     render_background,
 )
-from spur_assets.core.vocabulary import find_mentions, mentioned_categories
+from spur_assets.core.data.vocabulary import find_mentions, mentioned_categories
 
 # pycocotools 2.0.x decodes masks through a numpy-1 idiom that numpy 2 warns about.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

@@ -2,15 +2,15 @@
 
 import polars as pl
 
-from spur_assets.core.builtin_dataset import INJECTED_PAIRS, BuiltinDatasetSpec, generate_builtin_dataset
-from spur_assets.core.coco_ingest import load_batch
-from spur_assets.core.cooccurrence import (
+from spur_assets.core.data.builtin_dataset import INJECTED_PAIRS, BuiltinDatasetSpec, generate_builtin_dataset
+from spur_assets.core.data.coco_ingest import load_batch
+from spur_assets.core.counterfactuals.cooccurrence import (
     PairThresholds,
     image_categories_from_instances,
     image_categories_from_mentions,
     pair_statistics,
 )
-from spur_assets.core.vocabulary import mention_table
+from spur_assets.core.data.vocabulary import mention_table
 
 
 def test_default_thresholds_flag_every_injected_pair_and_nothing_else(tmp_path):

@@ -4,7 +4,7 @@ import numpy as np
 import polars as pl
 from safetensors.numpy import save_file
 
-from spur_assets.core.artifacts import ArtifactRef, OutputFile
+from spur_assets.core.records.artifacts import ArtifactRef, OutputFile
 from spur_assets.pipeline.checks import edited_captions_drop_companion, weights_finite, counterfactual_masks_non_empty
 
 

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from transformers import CLIPImageProcessorPil
 
-from spur_assets.core.clip_model import (
+from spur_assets.core.model.clip_model import (
     checkpoint_sha256,
     embed_images,
     embed_texts,
@@ -26,7 +26,7 @@ from spur_assets.core.clip_model import (
     save_checkpoint,
     train_caption_tokenizer,
 )
-from spur_assets.core.devices import autocast_for, resolve_device
+from spur_assets.core.runtime.devices import autocast_for, resolve_device
 
 CAPTIONS = [
     "A dog catching a frisbee in the park.",

@@ -13,8 +13,8 @@ from PIL import Image
 from pycocotools import mask as coco_mask
 from pycocotools.coco import COCO
 
-from spur_assets.core import coco_ingest
-from spur_assets.core.coco_ingest import (
+from spur_assets.core.data import coco_ingest
+from spur_assets.core.data.coco_ingest import (
     CAPTIONS_SCHEMA,
     CATEGORIES_SCHEMA,
     IMAGES_SCHEMA,
@@ -24,7 +24,7 @@ from spur_assets.core.coco_ingest import (
     load_batch,
     read_manifest,
 )
-from spur_assets.core.errors import DatasetError
+from spur_assets.core.data.errors import DatasetError
 from tests.coco_fixtures import (
     CORRUPTIONS,
     FIXTURE_CAPTIONS,

@@ -10,10 +10,10 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from spur_assets.core.builtin_dataset import BuiltinDatasetSpec, generate_builtin_dataset
-from spur_assets.core.coco_ingest import load_batch
-from spur_assets.core.contact_sheet import draw_contact_sheet, sheet_size
-from spur_assets.core.errors import DatasetError
+from spur_assets.core.data.builtin_dataset import BuiltinDatasetSpec, generate_builtin_dataset
+from spur_assets.core.data.coco_ingest import load_batch
+from spur_assets.core.data.contact_sheet import draw_contact_sheet, sheet_size
+from spur_assets.core.data.errors import DatasetError
 
 # pycocotools 2.0.x decodes masks through a numpy-1 idiom that numpy 2 warns about.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

@@ -4,7 +4,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from spur_assets.core.cooccurrence import (
+from spur_assets.core.counterfactuals.cooccurrence import (
     PairThresholds,
     cooccurrence_matrix,
     image_categories_from_instances,
@@ -82,7 +82,7 @@ def test_zero_images_is_an_error():
 
 
 def test_mutual_pairs_keep_the_smaller_companion():
-    from spur_assets.core.cooccurrence import orient_mutual_pairs
+    from spur_assets.core.counterfactuals.cooccurrence import orient_mutual_pairs
 
     pairs = pl.DataFrame({"anchor": ["dog", "frisbee", "car"], "companion": ["frisbee", "dog", "traffic light"]})
     images = pl.DataFrame({"image_id": [1, 2], "width": [10, 10], "height": [10, 10]})

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 from pycocotools import mask as coco_mask
 
-from spur_assets.core import vocabulary
-from spur_assets.core.counterfactuals import (
+from spur_assets.core.data import vocabulary
+from spur_assets.core.counterfactuals.eval_set import (
     ACCEPTED,
     NO_OBJECT_LEFT,
     NO_SAFE_EDIT,
@@ -24,7 +24,7 @@ from spur_assets.core.counterfactuals import (
     remove_companion_phrase,
     removal_mask,
 )
-from spur_assets.core.inpaint import InpainterSpec, OpenCVInpainter, TorchInpainter
+from spur_assets.core.counterfactuals.inpaint import InpainterSpec, OpenCVInpainter, TorchInpainter
 
 # --------------------------------------------------------------------------- masks
 

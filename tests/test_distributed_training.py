@@ -20,10 +20,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from spur_assets.core.clip_model import load_checkpoint, new_small_clip, save_checkpoint
-from spur_assets.core.distributed import init_data_parallel, padded_shard, resolve_backend, shard_sizes
-from spur_assets.core.training import TrainConfig, _batch_loss, epoch_batches, train_clip
-from spur_assets.core.training_job import TrainingJob, read_training_job, read_training_result, write_training_job
+from spur_assets.core.model.clip_model import load_checkpoint, new_small_clip, save_checkpoint
+from spur_assets.core.model.distributed import init_data_parallel, padded_shard, resolve_backend, shard_sizes
+from spur_assets.core.model.training import TrainConfig, _batch_loss, epoch_batches, train_clip
+from spur_assets.core.model.training_job import TrainingJob, read_training_job, read_training_result, write_training_job
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -122,10 +122,10 @@ GRADIENT_STEP = r"""
 import sys, torch
 from pathlib import Path
 from safetensors.torch import save_file
-from spur_assets.core.clip_model import load_checkpoint
-from spur_assets.core.distributed import close_data_parallel, data_parallel_towers, init_data_parallel
-from spur_assets.core.training import TrainConfig, _batch_loss
-from spur_assets.core.training_job import read_training_job
+from spur_assets.core.model.clip_model import load_checkpoint
+from spur_assets.core.model.distributed import close_data_parallel, data_parallel_towers, init_data_parallel
+from spur_assets.core.model.training import TrainConfig, _batch_loss
+from spur_assets.core.model.training_job import read_training_job
 
 job = read_training_job(Path(sys.argv[1]))
 batch = torch.tensor([int(c) for c in sys.argv[3].split(",")])
@@ -224,7 +224,7 @@ def test_finetuned_checkpoint_on_two_torchrun_processes_under_dagster_matches_on
     from spur_assets.pipeline.pipes import PIPES_SUBPROCESS_KEY, pipes_subprocess_client
     from spur_assets.pipeline.refs_io_manager import ArtifactRefIOManager
     from spur_assets.pipeline.resources import SpurSettings
-    from spur_assets.core.lineage import LineageStore
+    from spur_assets.core.records.lineage import LineageStore
 
     assets = [raw_pairs, spurious_features, base_checkpoint, synthetic_counterfactuals, finetuned_checkpoint]
     settings = SpurSettings(home=str(tmp_path / "home"), device="cpu")

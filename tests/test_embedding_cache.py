@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from spur_assets.core.embedding_cache import (
+from spur_assets.core.model.embedding_cache import (
     EmbeddingCache,
     cached_embed,
     drop,
@@ -125,7 +125,7 @@ def test_duplicate_key_across_parts_reads_the_first_part(tmp_path):
 _WRITER = """
 import sys, time
 from pathlib import Path
-from spur_assets.core.embedding_cache import EmbeddingCache, cached_embed
+from spur_assets.core.model.embedding_cache import EmbeddingCache, cached_embed
 from tests.test_embedding_cache import _emb
 
 root, me, first, last = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
@@ -168,7 +168,7 @@ def test_two_writer_processes_lose_nothing_and_corrupt_nothing(tmp_path):
 
 def test_parts_written_at_the_same_instant_by_the_same_pid_do_not_collide(tmp_path, monkeypatch):
     # Two hosts sharing SPUR_HOME can have equal clocks and pids; a name must still be unique.
-    import spur_assets.core.embedding_cache as module
+    import spur_assets.core.model.embedding_cache as module
 
     monkeypatch.setattr(module.time, "time_ns", lambda: 1_700_000_000_000_000_000)
     monkeypatch.setattr(module.os, "getpid", lambda: 7)
@@ -184,7 +184,7 @@ _KILLED_WRITER = """
 import os, sys, time
 from pathlib import Path
 import torch
-from spur_assets.core.embedding_cache import EmbeddingCache
+from spur_assets.core.model.embedding_cache import EmbeddingCache
 
 def stall(fd):  # the bytes are written; be killed before the rename
     Path(sys.argv[2]).touch()

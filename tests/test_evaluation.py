@@ -11,14 +11,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from spur_assets.core import retrieval_metrics as rm
-from spur_assets.core.evaluation import (
+from spur_assets.core.metrics import retrieval_metrics as rm
+from spur_assets.core.metrics.evaluation import (
     EvalSet,
     build_eval_index,
     evaluate_checkpoint,
     evaluate_embeddings,
 )
-from spur_assets.core.report import check_report_shape
+from spur_assets.core.metrics.report import check_report_shape
 
 DOG_FRISBEE, PERSON_SURFBOARD = "dog->frisbee", "person->surfboard"
 
@@ -365,7 +365,7 @@ def _write_png(path, colour, size=24):
 
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
-    from spur_assets.core.clip_model import new_small_clip
+    from spur_assets.core.model.clip_model import new_small_clip
 
     root = tmp_path_factory.mktemp("tiny_eval")
     toy = _toy_eval_set()
@@ -391,7 +391,7 @@ def tiny_setup(tmp_path_factory):
 
 
 def test_evaluate_checkpoint_end_to_end_equals_metrics_on_own_embeddings(tiny_setup):
-    from spur_assets.core.clip_model import embed_images, embed_texts, load_images_uint8
+    from spur_assets.core.model.clip_model import embed_images, embed_texts, load_images_uint8
 
     eval_set, bundle = tiny_setup
     messages: list[str] = []
@@ -539,7 +539,7 @@ PER_QUERY_METRICS = {
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_per_query_scores_reproduce_every_headline_metric(seed):
-    from spur_assets.core.attribution import headline_path
+    from spur_assets.core.metrics.attribution import headline_path
 
     index, (images, captions, removals, controls), result = _random_evaluation(seed)
     assert set(result.per_query) == PER_QUERY_METRICS

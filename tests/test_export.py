@@ -10,13 +10,13 @@ import polars as pl
 import pytest
 from pycocotools.coco import COCO
 
-from spur_assets.core import vocabulary
-from spur_assets.core.builtin_dataset import INJECTED_PAIRS, BuiltinDatasetSpec, generate_builtin_dataset
-from spur_assets.core.coco_ingest import decode_instance_mask, load_batch
-from spur_assets.core.counterfactuals import build_eval_counterfactuals
-from spur_assets.core.export import eval_id_offset, export_counterfactual_dataset
-from spur_assets.core.inpaint import OpenCVInpainter
-from spur_assets.core.train_counterfactuals import build_train_counterfactuals
+from spur_assets.core.data import vocabulary
+from spur_assets.core.data.builtin_dataset import INJECTED_PAIRS, BuiltinDatasetSpec, generate_builtin_dataset
+from spur_assets.core.data.coco_ingest import decode_instance_mask, load_batch
+from spur_assets.core.counterfactuals.eval_set import build_eval_counterfactuals
+from spur_assets.core.counterfactuals.export import eval_id_offset, export_counterfactual_dataset
+from spur_assets.core.counterfactuals.inpaint import OpenCVInpainter
+from spur_assets.core.counterfactuals.train_counterfactuals import build_train_counterfactuals
 
 PAIRS = pl.DataFrame({"anchor": [a for a, _ in INJECTED_PAIRS], "companion": [b for _, b in INJECTED_PAIRS]})
 SOURCE = {"source_dataset": "spur-assets built-in dataset (seed 5)", "backend": "opencv", "seed": 3,

@@ -2,7 +2,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from spur_assets.core.finetune_data import assemble_finetune_set
+from spur_assets.core.counterfactuals.finetune_data import assemble_finetune_set
 
 
 def _frames():

@@ -115,7 +115,7 @@ def test_failed_replace_leaves_registry_and_views_as_they_were_and_good_batch_re
 
 
 def test_non_ascii_manifest_names_give_distinct_batch_ids(tmp_path):
-    from spur_assets.core.batches import batch_id_for_manifest, validate_batch_id
+    from spur_assets.core.data.batches import batch_id_for_manifest, validate_batch_id
 
     manifest = tmp_path / "dataset.yaml"
     names = ["日本語", "中文", "Ελληνικά", "😀", "---", "caf\u00e9", "cafe\u0301"]
@@ -126,8 +126,8 @@ def test_non_ascii_manifest_names_give_distinct_batch_ids(tmp_path):
 
 
 def test_register_batch_refuses_a_different_manifest_unless_replace(env, tmp_path):
-    from spur_assets.core.batches import register_batch, registered_manifest
-    from spur_assets.core.errors import DatasetError
+    from spur_assets.core.data.batches import register_batch, registered_manifest
+    from spur_assets.core.data.errors import DatasetError
 
     home = hc.new_home(env, tmp_path / "home")
     other = copy_fixture(env.pristine, tmp_path / "other")
@@ -240,7 +240,7 @@ INBOX_KINDS = [
 
 @pytest.mark.parametrize("kind", INBOX_KINDS)
 def test_inbox_judges_each_folder_on_its_own(env, tmp_path, kind):
-    from spur_assets.core.inbox import scan_inbox
+    from spur_assets.core.data.inbox import scan_inbox
 
     inbox = tmp_path / "inbox"
     _drop(env, inbox, "a-good")

@@ -7,8 +7,8 @@ import dagster as dg
 from dagster._core.test_utils import create_run_for_test
 import pytest
 
-from spur_assets.core.batches import registered_manifest
-from spur_assets.core.inbox import READY_MARKER, scan_inbox
+from spur_assets.core.data.batches import registered_manifest
+from spur_assets.core.data.inbox import READY_MARKER, scan_inbox
 from spur_assets.pipeline.inbox_sensor import INBOX_TAG, inbox_sensor
 from spur_assets.pipeline.ingest import batches
 from spur_assets.pipeline.resources import SpurSettings

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from spur_assets.core.inpaint import (
+from spur_assets.core.counterfactuals.inpaint import (
     DiffusersInpainter,
     InpainterSpec,
     OpenCVInpainter,

@@ -18,17 +18,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.test_pipeline_expose import TINY  # the pipeline at a tiny size
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = {
-    "raw_pairs": {"builtin_n_train": 150, "builtin_n_test": 60, "workers": 1},
-    "spurious_features": {"min_support": 5},
-    "base_checkpoint": {"epochs": 1, "width": 32, "layers": 1, "heads": 2, "image_size": 32, "vocab_size": 300, "batch_size": 32},
-    "batch_counterfactuals": {"workers": 1},
-    "synthetic_counterfactuals": {"workers": 1, "train_removal_per_pair": 6, "train_paste_per_pair": 6},
-    "finetuned_checkpoint": {"epochs": 1, "batch_size": 32},
-}
 
 
 def test_a_wheel_installed_into_a_fresh_venv_runs_the_pipeline_from_an_empty_directory(tmp_path):

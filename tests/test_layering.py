@@ -21,7 +21,30 @@ def test_core_never_imports_dagster():
 
 
 def test_every_sql_statement_is_a_file_in_sql_dir():
-    from spur_assets.core.lineage import SQL_DIR
+    from spur_assets.core.records.lineage import SQL_DIR
 
     assert (SQL_DIR / "lineage_schema.sql").is_file()
     assert (SQL_DIR / "ancestry_of_materialization.sql").is_file()
+
+
+# The core's subpackages, lowest first: a subpackage imports only those before it in this order
+# (runtime and records need nothing of the science; data needs neither model nor metrics; ...).
+LAYERS = ["runtime", "records", "data", "counterfactuals", "model", "metrics"]
+
+
+def test_core_subpackages_import_only_lower_layers():
+    offenders = []
+    for path in sorted(CORE.rglob("*.py")):
+        if path.parent == CORE:
+            continue
+        own = LAYERS.index(path.parent.name)
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            modules = [node.module] if isinstance(node, ast.ImportFrom) and node.module else (
+                [alias.name for alias in node.names] if isinstance(node, ast.Import) else [])
+            for module in modules:
+                parts = module.split(".")
+                if parts[:2] == ["spur_assets", "core"] and len(parts) > 2 and parts[2] in LAYERS:
+                    if LAYERS.index(parts[2]) > own:
+                        offenders.append(f"{path.parent.name}/{path.name} imports {module}")
+    assert not offenders, offenders
+    assert sorted(p.name for p in CORE.iterdir() if p.is_dir() and p.name != "__pycache__") == sorted(LAYERS)

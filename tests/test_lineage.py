@@ -11,8 +11,8 @@ import duckdb
 import polars as pl
 import pytest
 
-from spur_assets.core.artifacts import ArtifactWriter, data_version_of
-from spur_assets.core.lineage import (
+from spur_assets.core.records.artifacts import ArtifactWriter, data_version_of
+from spur_assets.core.records.lineage import (
     LineageEdge,
     LineageStore,
     MaterializationRecord,
@@ -63,7 +63,7 @@ def test_rows_edges_views_and_ancestry(tmp_path):
     chain = store.ancestry(c.materialization_id)
     assert chain.select("depth", "asset").rows() == [(0, "top_c"), (1, "mid_b"), (2, "raw_a"), (2, "raw_a")]
     assert set(chain.filter(pl.col("asset") == "raw_a")["partition"]) == {"b1", "b2"}
-    # the same SQL file works from a plain duckdb connection (README's audit recipe)
+    # the same SQL file works from a plain duckdb connection (the audit recipe in docs/operating.md)
     conn = duckdb.connect(str(store.db_path), read_only=True)
     rows = conn.execute(sql_text("ancestry_of_materialization"), {"materialization_id": c.materialization_id}).fetchall()
     conn.close()
@@ -116,7 +116,7 @@ import sys, time
 from datetime import datetime
 sys.path.insert(0, {tests!r})
 from test_lineage import _record
-from spur_assets.core.lineage import LineageStore
+from spur_assets.core.records.lineage import LineageStore
 import polars as pl
 home, tag, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 store = LineageStore(home)

@@ -11,8 +11,8 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from spur_assets.core.lineage import LineageStore
-from spur_assets.core.lineage_graph import ancestry_edges, ancestry_mermaid, render_ancestry_png
+from spur_assets.core.records.lineage import LineageStore
+from spur_assets.core.records.lineage_graph import ancestry_edges, ancestry_mermaid, render_ancestry_png
 from tests.test_lineage import _record
 
 SPUR = str(Path(sys.executable).with_name("spur"))

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from spur_assets.core.clip_model import embed_images, embed_texts, new_small_clip
-from spur_assets.core.training import (
+from spur_assets.core.model.clip_model import embed_images, embed_texts, new_small_clip
+from spur_assets.core.model.training import (
     TrainConfig,
     _batch_loss,
     contrastive_loss,

@@ -17,18 +17,18 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from spur_assets.core.batch_counterfactuals import (
+from spur_assets.core.counterfactuals.batch_counterfactuals import (
     CounterfactualRecipe,
     build_batch_counterfactuals,
     build_synthetic_counterfactuals,
     combine_batch_counterfactuals,
     stale_batches,
 )
-from spur_assets.core.batch_union import union_split
-from spur_assets.core.builtin_dataset import INJECTED_PAIRS, BuiltinDatasetSpec, generate_builtin_dataset
-from spur_assets.core.coco_ingest import load_batch
-from spur_assets.core.inpaint import InpainterSpec
-from spur_assets.core.lineage import LineageStore
+from spur_assets.core.data.batch_union import union_split
+from spur_assets.core.data.builtin_dataset import INJECTED_PAIRS, BuiltinDatasetSpec, generate_builtin_dataset
+from spur_assets.core.data.coco_ingest import load_batch
+from spur_assets.core.counterfactuals.inpaint import InpainterSpec
+from spur_assets.core.records.lineage import LineageStore
 
 PAIRS = pl.DataFrame({"anchor": [a for a, _ in INJECTED_PAIRS], "companion": [b for _, b in INJECTED_PAIRS]})
 # Batches counterfactualise both directions (mutual pairs are oriented only over all batches).

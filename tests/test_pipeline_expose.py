@@ -7,8 +7,8 @@ import dagster as dg
 import duckdb
 import pytest
 
-from spur_assets.core.lineage import LineageStore
-from spur_assets.core.report import check_report_shape
+from spur_assets.core.records.lineage import LineageStore
+from spur_assets.core.metrics.report import check_report_shape
 from spur_assets.pipeline.checks import ALL_CHECKS
 from spur_assets.pipeline.counterfactual_assets import (
     batch_counterfactuals,
@@ -132,7 +132,7 @@ def test_expose_graph_end_to_end(tmp_path):
     tuned = store.ancestry(store.latest("finetuned_checkpoint")["materialization_id"])
     assert {"synthetic_counterfactuals", "base_checkpoint", "raw_pairs"} <= set(tuned["asset"])
     # the exported counterfactual set reads back through the same strict ingestion
-    from spur_assets.core.coco_ingest import load_batch
+    from spur_assets.core.data.coco_ingest import load_batch
 
     export = store.latest("counterfactual_dataset")
     exported = [o["uri"] for o in export["outputs"] if o["name"] == "dataset"][0]
@@ -157,7 +157,7 @@ def test_finetune_lr_follows_the_kind_of_base():
 
 @pytest.mark.slow
 def test_base_model_from_a_local_save_pretrained_folder(tmp_path):
-    from spur_assets.core.clip_model import load_checkpoint, new_small_clip, save_checkpoint
+    from spur_assets.core.model.clip_model import load_checkpoint, new_small_clip, save_checkpoint
 
     source = save_checkpoint(
         new_small_clip(["a dog", "a cat with a frisbee"], image_size=32, vocab_size=300, width=32, layers=1, heads=2),

@@ -8,7 +8,7 @@ import duckdb
 import polars as pl
 import pytest
 
-from spur_assets.core.batches import register_batch, registered_manifest
+from spur_assets.core.data.batches import register_batch, registered_manifest
 from spur_assets.pipeline.expose import spurious_features
 from spur_assets.pipeline.ingest import batches, raw_pairs
 from spur_assets.pipeline.refs_io_manager import ArtifactRefIOManager

@@ -17,9 +17,9 @@ import torch
 from PIL import Image
 from transformers.image_utils import PILImageResampling
 
-from spur_assets.core import clip_model
-from spur_assets.core.clip_model import clip_image_processor, load_image_uint8, load_images_uint8, pixel_values_from_uint8
-from spur_assets.core.preprocessing import ImagePreprocessing, decode_image_uint8, pixel_values
+from spur_assets.core.model import clip_model
+from spur_assets.core.model.clip_model import clip_image_processor, load_image_uint8, load_images_uint8, pixel_values_from_uint8
+from spur_assets.core.data.preprocessing import ImagePreprocessing, decode_image_uint8, pixel_values
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from bench.coco_like import write_coco_batch
-from bench.pretrained_like import save_vit_b32_like
-from spur_assets.core.batches import register_batch
-from spur_assets.core.embedding_cache import stats as cache_stats
-from spur_assets.core.recipes import PRETRAINED_RECIPE
+from bench.benchmarks.coco_like import write_coco_batch
+from bench.benchmarks.pretrained_like import save_vit_b32_like
+from spur_assets.core.data.batches import register_batch
+from spur_assets.core.model.embedding_cache import stats as cache_stats
+from spur_assets.core.model.recipes import PRETRAINED_RECIPE
 from spur_assets.pipeline.counterfactual_assets import batch_counterfactuals, synthetic_counterfactuals
 from spur_assets.pipeline.expose import spurious_features
 from spur_assets.pipeline.ingest import batches, raw_pairs

@@ -1,4 +1,4 @@
-"""Inputs for a real-size run: bench/coco_like.write_coco_batch and bench/pretrained_like.save_vit_b32_like.
+"""Inputs for a real-size run: bench/benchmarks/coco_like.write_coco_batch and bench/benchmarks/pretrained_like.save_vit_b32_like.
 
 The batch must load through the project's ingestion in fail mode (nothing quarantined),
 look like COCO 2017 (640x480 JPEGs, official category ids, polygons, crowd RLE), carry
@@ -24,19 +24,19 @@ import yaml
 from PIL import Image
 from transformers import AutoTokenizer, CLIPModel
 
-from bench.coco_like import PAIRS, write_coco_batch
-from bench.pretrained_like import CLIP_TEXT_POSITIONS, save_vit_b32_like
-from bench.real_size_inputs import MODEL_DIR, main as real_size_main
-from spur_assets.core.clip_model import PICKLE_SUFFIXES, load_checkpoint
-from spur_assets.core.coco_ingest import decode_instance_mask, load_batch
-from spur_assets.core.cooccurrence import (
+from bench.benchmarks.coco_like import PAIRS, write_coco_batch
+from bench.benchmarks.pretrained_like import CLIP_TEXT_POSITIONS, save_vit_b32_like
+from bench.benchmarks.real_size_inputs import MODEL_DIR, main as real_size_main
+from spur_assets.core.model.clip_model import PICKLE_SUFFIXES, load_checkpoint
+from spur_assets.core.data.coco_ingest import decode_instance_mask, load_batch
+from spur_assets.core.counterfactuals.cooccurrence import (
     PairThresholds,
     image_categories_from_instances,
     image_categories_from_mentions,
     orient_mutual_pairs,
     pair_statistics,
 )
-from spur_assets.core.vocabulary import COCO_CATEGORY_IDS, COCO_SUPERCATEGORIES, mention_table
+from spur_assets.core.data.vocabulary import COCO_CATEGORY_IDS, COCO_SUPERCATEGORIES, mention_table
 
 # pycocotools 2.0.x decodes masks through a numpy-1 idiom that numpy 2 warns about.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

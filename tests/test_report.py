@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from spur_assets.core.evaluation import CheckpointEvaluation
-from spur_assets.core.report import check_report_shape, verdict, write_report
+from spur_assets.core.metrics.evaluation import CheckpointEvaluation
+from spur_assets.core.metrics.report import check_report_shape, verdict, write_report
 
 PAIRS = [("dog", "frisbee"), ("person", "surfboard"), ("car", "traffic light")]
 
@@ -246,7 +246,7 @@ def _attribution_evaluations(tmp_path) -> dict[str, CheckpointEvaluation]:
     +0.1 and -0.1 on alternate queries of every pair (gain exactly 0: not earned), HR -0.1 (earned,
     lower is better), b-mention rate -0.2 on images showing b (over-correction).
     """
-    from spur_assets.core.attribution import QueryScores
+    from spur_assets.core.metrics.attribution import QueryScores
 
     rng = np.random.default_rng(7)
     strata = np.repeat(PAIR_NAMES, 40)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.functional.retrieval import retrieval_average_precision, retrieval_reciprocal_rank
 
-from spur_assets.core.retrieval_metrics import (
+from spur_assets.core.metrics.retrieval_metrics import (
     RelevantSets,
     average_precision_at_k,
     delta_ctrl,
@@ -352,7 +352,7 @@ def test_delta_ctrl_sign():
 
 
 def test_chunk_rows_shrink_with_the_gallery_so_a_chunk_stays_within_its_budget():
-    from spur_assets.core.retrieval_metrics import SIMILARITY_CHUNK_BYTES, chunk_rows_for
+    from spur_assets.core.metrics.retrieval_metrics import SIMILARITY_CHUNK_BYTES, chunk_rows_for
 
     assert chunk_rows_for(1_250) == 1024  # small gallery: the caller's chunk size
     rows = chunk_rows_for(20_000)

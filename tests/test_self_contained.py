@@ -50,7 +50,7 @@ def text_of(path: Path) -> str | None:
 
 
 def markdown_pages() -> list[Path]:
-    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), *sorted((REPO / "bench").glob("*.md"))]
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), *sorted((REPO / "bench").rglob("*.md"))]
     return [page for page in pages if page.is_file()]
 
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from spur_assets.core.clip_model import embed_images, new_small_clip
-from spur_assets.core.image_stream import ImageFiles, chunk_steps, decoded_in_memory, stream_rows
-from spur_assets.core.preprocessing import ImagePreprocessing
-from spur_assets.core.recipes import BUILTIN_BASE_RECIPE, PRETRAINED_RECIPE, recipe_for_base
-from spur_assets.core.training import TrainConfig, freeze_lower_layers, train_clip
+from spur_assets.core.model.clip_model import embed_images, new_small_clip
+from spur_assets.core.data.image_stream import ImageFiles, chunk_steps, decoded_in_memory, stream_rows
+from spur_assets.core.data.preprocessing import ImagePreprocessing
+from spur_assets.core.model.recipes import BUILTIN_BASE_RECIPE, PRETRAINED_RECIPE, recipe_for_base
+from spur_assets.core.model.training import TrainConfig, freeze_lower_layers, train_clip
 from tests.test_training import TINY, colour_square_task
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -11,11 +11,11 @@ import pytest
 from PIL import Image
 from pycocotools import mask as coco_mask
 
-from spur_assets.core import vocabulary
-from spur_assets.core.builtin_dataset import INJECTED_PAIRS, BuiltinDatasetSpec, generate_builtin_dataset
-from spur_assets.core.coco_ingest import load_batch
-from spur_assets.core.inpaint import InpainterSpec, OpenCVInpainter
-from spur_assets.core.train_counterfactuals import (
+from spur_assets.core.data import vocabulary
+from spur_assets.core.data.builtin_dataset import INJECTED_PAIRS, BuiltinDatasetSpec, generate_builtin_dataset
+from spur_assets.core.data.coco_ingest import load_batch
+from spur_assets.core.counterfactuals.inpaint import InpainterSpec, OpenCVInpainter
+from spur_assets.core.counterfactuals.train_counterfactuals import (
     PASTE_ADDED,
     REMOVAL_EDIT,
     REMOVAL_KEPT,

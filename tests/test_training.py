@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import CLIPModel
 
-from spur_assets.core.clip_model import embed_images, embed_texts, new_small_clip, small_clip_config
-from spur_assets.core.training import TrainConfig, _batch_loss, contrastive_loss, epoch_batches, train_clip
+from spur_assets.core.model.clip_model import embed_images, embed_texts, new_small_clip, small_clip_config
+from spur_assets.core.model.training import TrainConfig, _batch_loss, contrastive_loss, epoch_batches, train_clip
 
 TINY = dict(vocab_size=300, max_text_length=12, patch_size=8, width=32, layers=1, heads=2, projection_dim=16)
 

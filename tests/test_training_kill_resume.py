@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 TRAIN = r"""
 import sys, torch
 from pathlib import Path
-from spur_assets.core.clip_model import new_small_clip, save_checkpoint
-from spur_assets.core.training import TrainConfig, train_clip
+from spur_assets.core.model.clip_model import new_small_clip, save_checkpoint
+from spur_assets.core.model.training import TrainConfig, train_clip
 
 torch.set_num_threads(1)
 work, out, epochs, pause = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from spur_assets.core.builtin_dataset import BuiltinDatasetSpec, generate_builtin_dataset
-from spur_assets.core.inbox import READY_MARKER
-from spur_assets.core.lineage import LineageStore
+from spur_assets.core.data.builtin_dataset import BuiltinDatasetSpec, generate_builtin_dataset
+from spur_assets.core.data.inbox import READY_MARKER
+from spur_assets.core.records.lineage import LineageStore
 
 pytestmark = pytest.mark.slow
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import polars as pl
 import pytest
 
-from spur_assets.core import vocabulary
-from spur_assets.core.vocabulary import (
+from spur_assets.core.data import vocabulary
+from spur_assets.core.data.vocabulary import (
     COCO_CATEGORIES,
     COCO_CATEGORY_IDS,
     COCO_SUPERCATEGORIES,

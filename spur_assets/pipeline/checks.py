@@ -10,8 +10,8 @@ import polars as pl
 from PIL import Image
 from safetensors.numpy import load_file
 
-from spur_assets.core.artifacts import ArtifactRef
-from spur_assets.core.vocabulary import mentioned_categories
+from spur_assets.core.records.artifacts import ArtifactRef
+from spur_assets.core.data.vocabulary import mentioned_categories
 from spur_assets.pipeline.automation import CHECK_WITH_ITS_ASSET
 from spur_assets.pipeline.counterfactual_assets import counterfactual_dataset, synthetic_counterfactuals
 from spur_assets.pipeline.expose import spurious_features
@@ -121,7 +121,7 @@ def weights_finite(checkpoint: ArtifactRef) -> dg.AssetCheckResult:
 def report_metrics_in_range(metric_report: ArtifactRef) -> dg.AssetCheckResult:
     import json
 
-    from spur_assets.core.report import check_report_shape
+    from spur_assets.core.metrics.report import check_report_shape
 
     report = json.loads((metric_report.path("report") / "report.json").read_text())
     problems = check_report_shape(report)
@@ -133,8 +133,8 @@ def report_metrics_in_range(metric_report: ArtifactRef) -> dg.AssetCheckResult:
     description="the exported dataset reads back strictly (every file and record valid) with the counts it claims",
 )
 def exported_dataset_reloads(counterfactual_dataset: ArtifactRef) -> dg.AssetCheckResult:
-    from spur_assets.core.coco_ingest import load_batch
-    from spur_assets.core.errors import DatasetError
+    from spur_assets.core.data.coco_ingest import load_batch
+    from spur_assets.core.data.errors import DatasetError
 
     manifest = counterfactual_dataset.path("dataset") / "dataset.yaml"
     try:

@@ -4,7 +4,7 @@
 removal and control images, edited captions, train removal edits), so executors
 can fan it out across batches; `synthetic_counterfactuals` combines the
 partitions into the tables one run over all batches would write
-(``core.batch_counterfactuals``).
+(``core.counterfactuals.batch_counterfactuals``).
 """
 
 import json
@@ -16,20 +16,20 @@ from typing import Literal
 import dagster as dg
 import polars as pl
 
-from spur_assets.core.artifacts import ArtifactRef, ArtifactWriter
-from spur_assets.core.batch_counterfactuals import (
+from spur_assets.core.records.artifacts import ArtifactRef, ArtifactWriter
+from spur_assets.core.counterfactuals.batch_counterfactuals import (
     BatchCounterfactuals,
     CounterfactualRecipe,
     build_batch_counterfactuals,
     combine_batch_counterfactuals,
     stale_batches,
 )
-from spur_assets.core.cooccurrence import orient_mutual_pairs
-from spur_assets.core.counterfactuals import EvalCounterfactuals, before_after_grid
-from spur_assets.core.devices import resolve_device
-from spur_assets.core.inpaint import InpainterSpec
-from spur_assets.core.export import export_counterfactual_dataset
-from spur_assets.core.train_counterfactuals import TrainCounterfactuals
+from spur_assets.core.counterfactuals.cooccurrence import orient_mutual_pairs
+from spur_assets.core.counterfactuals.eval_set import EvalCounterfactuals, before_after_grid
+from spur_assets.core.runtime.devices import resolve_device
+from spur_assets.core.counterfactuals.inpaint import InpainterSpec
+from spur_assets.core.counterfactuals.export import export_counterfactual_dataset
+from spur_assets.core.counterfactuals.train_counterfactuals import TrainCounterfactuals
 from spur_assets.pipeline.ingest import ALL_BATCHES, batches, batches_split
 from spur_assets.pipeline.recording import recorded_materialization, upstream_refs
 from spur_assets.pipeline.resources import SpurSettings

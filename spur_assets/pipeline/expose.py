@@ -6,16 +6,16 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 
-from spur_assets.core.artifacts import ArtifactRef
-from spur_assets.core.cooccurrence import (
+from spur_assets.core.records.artifacts import ArtifactRef
+from spur_assets.core.counterfactuals.cooccurrence import (
     PairThresholds,
     cooccurrence_matrix,
     image_categories_from_instances,
     image_categories_from_mentions,
     pair_statistics,
 )
-from spur_assets.core.plots import cooccurrence_heatmap
-from spur_assets.core.vocabulary import mention_table
+from spur_assets.core.metrics.plots import cooccurrence_heatmap
+from spur_assets.core.data.vocabulary import mention_table
 from spur_assets.pipeline.ingest import ALL_BATCHES, batches_split
 from spur_assets.pipeline.recording import recorded_materialization, upstream_refs
 from spur_assets.pipeline.resources import SpurSettings

@@ -5,7 +5,7 @@ import json
 
 import dagster as dg
 
-from spur_assets.core.inbox import READY_MARKER, scan_inbox
+from spur_assets.core.data.inbox import READY_MARKER, scan_inbox
 from spur_assets.pipeline.counterfactual_assets import batch_counterfactuals, counterfactual_dataset, synthetic_counterfactuals
 from spur_assets.pipeline.expose import spurious_features
 from spur_assets.pipeline.ingest import batches, raw_pairs

@@ -9,9 +9,9 @@ from typing import Literal
 import dagster as dg
 import polars as pl
 
-from spur_assets.core.artifacts import ArtifactRef
-from spur_assets.core.batch_union import SplitTables, union_split
-from spur_assets.core.batches import (
+from spur_assets.core.records.artifacts import ArtifactRef
+from spur_assets.core.data.batch_union import SplitTables, union_split
+from spur_assets.core.data.batches import (
     BUILTIN_BATCH,
     batch_taken_error,
     refuse_other_manifest,
@@ -19,10 +19,10 @@ from spur_assets.core.batches import (
     registered_manifest,
     validate_batch_id,
 )
-from spur_assets.core.builtin_dataset import BuiltinDatasetSpec, generate_builtin_dataset
-from spur_assets.core.coco_ingest import DEFAULT_MAX_IMAGE_PIXELS, BatchTables, content_fingerprint, load_batch
-from spur_assets.core.contact_sheet import draw_contact_sheet
-from spur_assets.core.errors import DatasetError
+from spur_assets.core.data.builtin_dataset import BuiltinDatasetSpec, generate_builtin_dataset
+from spur_assets.core.data.coco_ingest import DEFAULT_MAX_IMAGE_PIXELS, BatchTables, content_fingerprint, load_batch
+from spur_assets.core.data.contact_sheet import draw_contact_sheet
+from spur_assets.core.data.errors import DatasetError
 from spur_assets.pipeline.recording import recorded_materialization
 from spur_assets.pipeline.resources import SpurSettings
 from spur_assets.pipeline.ui_metadata import markdown_image, markdown_table

@@ -11,17 +11,17 @@ import dagster as dg
 import polars as pl
 import torch
 
-from spur_assets.core.artifacts import ArtifactRef
-from spur_assets.core.clip_model import load_checkpoint, new_small_clip, save_checkpoint
-from spur_assets.core.devices import resolve_device
-from spur_assets.core.finetune_data import assemble_finetune_set
-from spur_assets.core.image_stream import DEFAULT_IN_MEMORY_MB, ImageFiles
-from spur_assets.core.plots import loss_curve
-from spur_assets.core.preprocessing import ImagePreprocessing
-from spur_assets.core.recipes import BUILTIN_BASE_RECIPE, PRETRAINED_RECIPE, FinetuneRecipe, recipe_for_base
-from spur_assets.core.threads import use_torch_threads
-from spur_assets.core.training import TrainConfig, optimizer_steps, train_clip
-from spur_assets.core.training_job import TrainingJob
+from spur_assets.core.records.artifacts import ArtifactRef
+from spur_assets.core.model.clip_model import load_checkpoint, new_small_clip, save_checkpoint
+from spur_assets.core.runtime.devices import resolve_device
+from spur_assets.core.counterfactuals.finetune_data import assemble_finetune_set
+from spur_assets.core.data.image_stream import DEFAULT_IN_MEMORY_MB, ImageFiles
+from spur_assets.core.metrics.plots import loss_curve
+from spur_assets.core.data.preprocessing import ImagePreprocessing
+from spur_assets.core.model.recipes import BUILTIN_BASE_RECIPE, PRETRAINED_RECIPE, FinetuneRecipe, recipe_for_base
+from spur_assets.core.runtime.threads import use_torch_threads
+from spur_assets.core.model.training import TrainConfig, optimizer_steps, train_clip
+from spur_assets.core.model.training_job import TrainingJob
 from spur_assets.pipeline.cluster import GPU_STEP_TAGS
 from spur_assets.pipeline.ingest import ALL_BATCHES, batches_split
 from spur_assets.pipeline.pipes import train_with_torchrun
@@ -36,7 +36,7 @@ class BaseCheckpointConfig(dg.Config):
     Defaults fit the built-in data's time budget on 2 CPU cores (bench/ has the
     measurements): a 64-wide, 2-layer CLIP learns the scenes in ~3 minutes (8 epochs of the
     4,000 train images; higher learning rates from scratch did worse on the validation split,
-    bench/RESEARCH.md section 5).
+    bench/experiments/RESEARCH.md section 5).
     """
 
     image_size: int = 64
@@ -201,7 +201,7 @@ class FinetunedCheckpointConfig(dg.Config):
     """Fine-tuning on originals mixed with train counterfactuals (docs/definitions.md#mitigation).
 
     Optimisation settings left at None come from the recipe for the kind of base
-    (core/recipes.py): BUILTIN_BASE_RECIPE for the small CLIP trained here, PRETRAINED_RECIPE
+    (core/model/recipes.py): BUILTIN_BASE_RECIPE for the small CLIP trained here, PRETRAINED_RECIPE
     for a SPUR_BASE_MODEL; `recipe` forces one. A value set here overrides that field only.
     """
 
@@ -216,16 +216,16 @@ class FinetunedCheckpointConfig(dg.Config):
     micro_batch_size: Optional[int] = None  # rows per forward; the loss and gradient stay the full batch's
     freeze_layers: Optional[int] = None  # freeze both towers' embeddings and this many lowest layers
     # share of counterfactual images among the images trained on; 0.34 kept R@5 over 3 seeds where
-    # 0.5 gained more ODmAP but lost R@5 i2t on two seeds (bench/SEEDS.md)
+    # 0.5 gained more ODmAP but lost R@5 i2t on two seeds (bench/experiments/SEEDS.md)
     counterfactual_ratio: float = 0.34
     use_removal: bool = True
     # Paste edits are built (and exported) but left out of fine-tuning by default: on the built-in
-    # data they lowered ODmAP and R@5 (bench/ABLATION.md); set True to train on them too.
+    # data they lowered ODmAP and R@5 (bench/experiments/ABLATION.md); set True to train on them too.
     use_paste: bool = False
     hard_negatives: bool = True  # I^-b <-> its original b-caption as extra negatives
-    # Each hard-negative logit + log(w), and I^-b trained in the same batch as its source I (core/training.py).
-    # Chosen on a validation split carved from the train images, not on the test set (bench/RESEARCH.md,
-    # `paired_w4`; 3 seeds through this code in bench/SEEDS.md).
+    # Each hard-negative logit + log(w), and I^-b trained in the same batch as its source I (core/model/training.py).
+    # Chosen on a validation split carved from the train images, not on the test set (bench/experiments/RESEARCH.md,
+    # `paired_w4`; 3 seeds through this code in bench/experiments/SEEDS.md).
     hard_negative_weight: float = 4.0
     paired_batches: bool = True
     seed: int = 0

@@ -1,7 +1,7 @@
 """Training past one process: torchrun ranks started and heard through Dagster Pipes.
 
 The `pipes_subprocess` resource is a plain `dg.PipesSubprocessClient`. An asset writes a
-training job folder (core/training_job.py), then `train_with_torchrun` runs
+training job folder (core/model/training_job.py), then `train_with_torchrun` runs
 `torchrun --standalone --nproc_per_node=N -m spur_assets.train_worker JOB_DIR` through it:
 rank 0 streams its log lines into the run's log and reports the loss curve, wall time, world
 size and backend as Pipes metadata; the trained checkpoint and `result.json` come back as files.
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from spur_assets.core.training_job import TrainingJob, read_training_result, write_training_job
+from spur_assets.core.model.training_job import TrainingJob, read_training_result, write_training_job
 
 PIPES_SUBPROCESS_KEY = "pipes_subprocess"
 TRAIN_WORKER_MODULE = "spur_assets.train_worker"

@@ -21,9 +21,9 @@ from typing import Any, Iterable, Iterator, Mapping
 import dagster as dg
 
 from spur_assets import __version__
-from spur_assets.core.artifacts import ArtifactRef, ArtifactWriter, data_version_of
-from spur_assets.core.lineage import LineageEdge, MaterializationRecord, new_materialization_id
-from spur_assets.core.threads import ThreadGovernor, ThreadPolicy, govern_torch_threads, use_torch_threads
+from spur_assets.core.records.artifacts import ArtifactRef, ArtifactWriter, data_version_of
+from spur_assets.core.records.lineage import LineageEdge, MaterializationRecord, new_materialization_id
+from spur_assets.core.runtime.threads import ThreadGovernor, ThreadPolicy, govern_torch_threads, use_torch_threads
 from spur_assets.pipeline.recovery import tag_run_with_this_process
 from spur_assets.pipeline.resources import SpurSettings
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from spur_assets.core.artifacts import process_alive, remove_dead_staging
+from spur_assets.core.records.artifacts import process_alive, remove_dead_staging
 from spur_assets.pipeline.resources import SpurSettings
 
 PID_TAG, HOST_TAG = "spur/pid", "spur/host"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from spur_assets.core.artifacts import UNPARTITIONED, ArtifactRef
+from spur_assets.core.records.artifacts import UNPARTITIONED, ArtifactRef
 from spur_assets.pipeline.resources import SpurSettings
 
 

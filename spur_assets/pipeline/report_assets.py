@@ -6,12 +6,12 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 
-from spur_assets.core.artifacts import ArtifactRef
-from spur_assets.core.clip_model import load_checkpoint
-from spur_assets.core.devices import resolve_device
-from spur_assets.core.embedding_cache import EmbeddingCache
-from spur_assets.core.evaluation import EvalSet, evaluate_checkpoint
-from spur_assets.core.report import write_report
+from spur_assets.core.records.artifacts import ArtifactRef
+from spur_assets.core.model.clip_model import load_checkpoint
+from spur_assets.core.runtime.devices import resolve_device
+from spur_assets.core.model.embedding_cache import EmbeddingCache
+from spur_assets.core.metrics.evaluation import EvalSet, evaluate_checkpoint
+from spur_assets.core.metrics.report import write_report
 from spur_assets.pipeline.ingest import ALL_BATCHES, batches_split
 from spur_assets.pipeline.model_assets import control_enabled
 from spur_assets.pipeline.recording import recorded_materialization, upstream_refs
@@ -43,8 +43,8 @@ def embedding_cache_for(settings: SpurSettings, checkpoint: ArtifactRef, bundle,
     the preprocessing that turns files into pixels, and the arithmetic the embeddings come from
     (bf16 autocast on CUDA, float32 elsewhere), so a cached row always equals a fresh one.
     """
-    from spur_assets.core.devices import autocast_for
-    from spur_assets.core.preprocessing import ImagePreprocessing
+    from spur_assets.core.runtime.devices import autocast_for
+    from spur_assets.core.data.preprocessing import ImagePreprocessing
 
     arithmetic = "bf16" if type(autocast_for(device)).__name__ == "autocast" else "fp32"
     key = "/".join((

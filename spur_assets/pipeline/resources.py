@@ -6,8 +6,8 @@ from pathlib import Path
 
 import dagster as dg
 
-from spur_assets.core.lineage import LineageStore
-from spur_assets.core.threads import ThreadPolicy
+from spur_assets.core.records.lineage import LineageStore
+from spur_assets.core.runtime.threads import ThreadPolicy
 
 
 class SpurSettings(dg.ConfigurableResource):

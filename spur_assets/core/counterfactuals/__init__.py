@@ -1,0 +1,1 @@
+"""The shortcut and its counterfactuals: co-occurrence statistics and the spurious-pair rule, the counterfactual eval set, train counterfactuals, inpainting, the fine-tuning set, the export of the counterfactual set as a dataset."""

@@ -1,0 +1,1 @@
+"""How work runs on a machine: device choice, the thread policy, process pools that stop with their caller."""
