@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from spur_assets.core.model.clip_model import load_checkpoint, new_small_clip, save_checkpoint
 from spur_assets.core.model.distributed import init_data_parallel, padded_shard, resolve_backend, shard_sizes
-from spur_assets.core.model.training import TrainConfig, _batch_loss, epoch_batches, train_clip
+from spur_assets.core.model.training import TrainConfig, batch_loss, epoch_batches, train_clip
 from spur_assets.core.model.training_job import TrainingJob, read_training_job, read_training_result, write_training_job
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -124,7 +124,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 from spur_assets.core.model.clip_model import load_checkpoint
 from spur_assets.core.model.distributed import close_data_parallel, data_parallel_towers, init_data_parallel
-from spur_assets.core.model.training import TrainConfig, _batch_loss
+from spur_assets.core.model.training import TrainConfig, batch_loss
 from spur_assets.core.model.training_job import read_training_job
 
 job = read_training_job(Path(sys.argv[1]))
@@ -134,7 +134,7 @@ bundle = load_checkpoint(job.base_checkpoint)
 towers = data_parallel_towers(bundle.model, device)
 tokens = bundle.tokenizer(job.captions, padding="max_length", truncation=True, max_length=8, return_tensors="pt")
 text_id = torch.tensor([sorted(set(job.captions)).index(c) for c in job.captions])
-loss = _batch_loss(bundle, job.images, tokens["input_ids"], tokens["attention_mask"], text_id, job.caption_image,
+loss = batch_loss(bundle, job.images, tokens["input_ids"], tokens["attention_mask"], text_id, job.caption_image,
                    batch, job.hard_negative_text, job.hard_negative_image, job.config, device, group, towers)
 loss.backward()
 if group.is_main:
@@ -166,7 +166,7 @@ def test_two_rank_gradient_equals_the_one_process_gradient(tmp_path):
     reference = load_checkpoint(tmp_path / "base")
     tokens = reference.tokenizer(captions, padding="max_length", truncation=True, max_length=8, return_tensors="pt")
     text_id = torch.tensor([sorted(set(captions)).index(c) for c in captions])
-    loss = _batch_loss(reference, images, tokens["input_ids"], tokens["attention_mask"], text_id, caption_image,
+    loss = batch_loss(reference, images, tokens["input_ids"], tokens["attention_mask"], text_id, caption_image,
                        batch, hard_text, hard_image, config, torch.device("cpu"))
     loss.backward()
     assert distributed["loss"].item() == pytest.approx(loss.item(), rel=1e-6)

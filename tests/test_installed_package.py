@@ -10,6 +10,7 @@ definitions and the SQL statements must ship inside the package.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -26,9 +27,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_a_wheel_installed_into_a_fresh_venv_runs_the_pipeline_from_an_empty_directory(tmp_path):
+    # built from a copy of what the package is made of, so the build leaves nothing in the checkout
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    shutil.copytree(REPO / "spur_assets", source / "spur_assets", ignore=shutil.ignore_patterns("__pycache__"))
     wheels = tmp_path / "wheels"
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(REPO)],
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(source)],
         check=True, capture_output=True, text=True, timeout=300,
     )
     (wheel,) = wheels.glob("spur_assets-*.whl")

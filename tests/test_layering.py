@@ -48,3 +48,20 @@ def test_core_subpackages_import_only_lower_layers():
                         offenders.append(f"{path.parent.name}/{path.name} imports {module}")
     assert not offenders, offenders
     assert sorted(p.name for p in CORE.iterdir() if p.is_dir() and p.name != "__pycache__") == sorted(LAYERS)
+
+
+def test_experiments_use_the_cores_public_api_only():
+    # bench/experiments/ are research scripts: they build on what the core offers, not on the
+    # Dagster layer or on a module's private helpers (which may change without notice).
+    experiments = Path(__file__).resolve().parents[1] / "bench" / "experiments"
+    offenders = []
+    for path in sorted(experiments.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("spur_assets"):
+                if not node.module.startswith("spur_assets.core"):
+                    offenders.append(f"{path.name}: from {node.module}")
+                offenders += [f"{path.name}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+            elif isinstance(node, ast.Import):
+                offenders += [f"{path.name}: import {a.name}" for a in node.names
+                              if a.name.startswith("spur_assets") and not a.name.startswith("spur_assets.core")]
+    assert not offenders, offenders

@@ -11,7 +11,7 @@ import torch
 from spur_assets.core.model.clip_model import embed_images, embed_texts, new_small_clip
 from spur_assets.core.model.training import (
     TrainConfig,
-    _batch_loss,
+    batch_loss,
     contrastive_loss,
     hard_negative_links,
     paired_epoch_batches,
@@ -138,7 +138,7 @@ def test_batch_loss_with_pairs_masks_the_family_and_weights_hard_negatives():
     w = 4.0
     config = TrainConfig(epochs=1, paired_batches=True, hard_negative_weight=w)
     with torch.no_grad():
-        ours = _batch_loss(bundle, images, tokens["input_ids"], tokens["attention_mask"], torch.arange(5),
+        ours = batch_loss(bundle, images, tokens["input_ids"], tokens["attention_mask"], torch.arange(5),
                            caption_image, batch, hard_text, hard_image, config, torch.device("cpu"))
     img, txt = embed_images(bundle, images).double().numpy(), embed_texts(bundle, captions).double().numpy()
     scale = bundle.model.logit_scale.exp().item()

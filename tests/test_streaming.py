@@ -190,3 +190,27 @@ def test_resuming_from_files_that_changed_is_refused(task, tmp_path):
     os.utime(copies[0], ns=(1, 1))  # same bytes, but not provably the file trained on: refuse
     with pytest.raises(ValueError, match="fingerprint"):
         _train(files, captions, caption_image, config, checkpoint_dir=tmp_path / "state")
+
+
+def test_finetune_recipe_by_name_with_checked_overrides():
+    from spur_assets.core.model.recipes import finetune_recipe
+
+    assert finetune_recipe("auto", None) is BUILTIN_BASE_RECIPE
+    assert finetune_recipe("auto", "some/clip") is PRETRAINED_RECIPE
+    tuned = finetune_recipe("pretrained", None, lr=2e-6, epochs=None, freeze_layers=3)
+    assert (tuned.lr, tuned.epochs, tuned.freeze_layers) == (2e-6, PRETRAINED_RECIPE.epochs, 3)
+    assert finetune_recipe("builtin", None, lr=0).lr == BUILTIN_BASE_RECIPE.lr  # 0 keeps the recipe's rate
+    with pytest.raises(ValueError, match="batch_size=0"):
+        finetune_recipe("builtin", None, batch_size=0)
+    with pytest.raises(ValueError, match="lr=-0.1"):
+        finetune_recipe("builtin", None, lr=-0.1)
+    with pytest.raises(ValueError, match="'fancy'"):
+        finetune_recipe("fancy", None)
+
+
+def test_the_base_checkpoint_config_is_the_cores_small_clip_recipe():
+    from spur_assets.core.model.recipes import SMALL_CLIP_RECIPE, SmallClipRecipe
+    from spur_assets.pipeline.model_assets import BaseCheckpointConfig
+
+    assert SmallClipRecipe.of(BaseCheckpointConfig()) == SMALL_CLIP_RECIPE
+    assert SmallClipRecipe.of(BaseCheckpointConfig(epochs=2, width=32)) == SmallClipRecipe(epochs=2, width=32)

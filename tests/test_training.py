@@ -10,7 +10,7 @@ import torch
 from transformers import CLIPModel
 
 from spur_assets.core.model.clip_model import embed_images, embed_texts, new_small_clip, small_clip_config
-from spur_assets.core.model.training import TrainConfig, _batch_loss, contrastive_loss, epoch_batches, train_clip
+from spur_assets.core.model.training import TrainConfig, batch_loss, contrastive_loss, epoch_batches, train_clip
 
 TINY = dict(vocab_size=300, max_text_length=12, patch_size=8, width=32, layers=1, heads=2, projection_dim=16)
 
@@ -137,7 +137,7 @@ def test_batch_loss_adds_hard_negatives_and_spares_the_image_they_describe():
     tokens = bundle.tokenizer(captions, padding="max_length", truncation=True, max_length=12, return_tensors="pt")
     config = TrainConfig(epochs=1, mask_duplicate_captions=False)
     with torch.no_grad():
-        ours = _batch_loss(bundle, images, tokens["input_ids"], tokens["attention_mask"], torch.arange(5),
+        ours = batch_loss(bundle, images, tokens["input_ids"], tokens["attention_mask"], torch.arange(5),
                            caption_image, batch, hard_text, hard_image, config, torch.device("cpu"))
     image_emb = embed_images(bundle, images)
     text_emb = embed_texts(bundle, captions)

@@ -34,7 +34,8 @@ from spur_assets.core.metrics.evaluation import EvalSet, evaluate_checkpoint
 from spur_assets.core.counterfactuals.finetune_data import assemble_finetune_set
 from spur_assets.core.records.lineage import LineageStore
 from spur_assets.core.model.training import train_clip
-from spur_assets.pipeline.model_assets import FinetunedCheckpointConfig, finetune_recipe
+from spur_assets.core.counterfactuals.finetune_data import COUNTERFACTUAL_RATIO
+from spur_assets.core.model.recipes import finetune_recipe
 
 # Each arm: which counterfactuals (assemble_finetune_set) and which loss (TrainConfig). Arms 1-5
 # keep the loss they were measured with (bench/experiments/ABLATION.md); arm 6 is the pipeline default since
@@ -87,9 +88,8 @@ def main() -> None:
     tables = [raw.read_table(t) for t in ("raw_images", "raw_captions", "raw_instances")]
     train, test = union_split(*[[t] for t in tables], "train"), union_split(*[[t] for t in tables], "test")
     eval_set = EvalSet.of(test, cf)
-    overrides = {"epochs": args.epochs, "counterfactual_ratio": args.ratio, "lr": args.lr}
-    defaults = FinetunedCheckpointConfig(**{k: v for k, v in overrides.items() if v})
-    recipe = finetune_recipe(defaults, base_model="")  # the built-in base's recipe, with the overrides
+    ratio = args.ratio or COUNTERFACTUAL_RATIO
+    recipe = finetune_recipe("builtin", None, epochs=args.epochs or None, lr=args.lr or None)  # with the overrides
     base_metrics = headline(evaluate_checkpoint(load_checkpoint(base.path("checkpoint")), eval_set).metrics)
     print("base", base_metrics, flush=True)
     chosen = [list(ARMS)[int(i) - 1] for i in args.arms.split(",")] if args.arms else list(ARMS)
@@ -100,7 +100,7 @@ def main() -> None:
             loss = {k: ARMS[arm].get(k, default) for k, default in LOSS_FIELDS.items()}
             fs = assemble_finetune_set(
                 train.images, train.captions, cf.read_table("cf_train_images"), cf.read_table("cf_train_captions"),
-                counterfactual_ratio=defaults.counterfactual_ratio, seed=seed, **data,
+                counterfactual_ratio=ratio, seed=seed, **data,
             )
             bundle = load_checkpoint(base.path("checkpoint"))
             images = load_images_uint8(fs.image_paths, processor_image_size(bundle.image_processor), workers=2)
@@ -125,7 +125,7 @@ def main() -> None:
         f"{platform.machine()} CPU, torch {torch.__version__}, {torch.get_num_threads()} threads. "
         f"Base checkpoint {base.materialization_id}, counterfactuals {cf.materialization_id}. "
         f"Fine-tuning: the pipeline defaults ({recipe.epochs} epochs, lr {recipe.lr}, batch {recipe.batch_size}, "
-        f"counterfactual ratio {defaults.counterfactual_ratio}); seeds {args.seeds}. Gains are against the base checkpoint.",
+        f"counterfactual ratio {ratio}); seeds {args.seeds}. Gains are against the base checkpoint.",
         "",
         "| arm | seeds | train images | ODmAP@10 i2t (gain) | ODmAP@10 t2i (gain) | HR@10 | R@5 i2t (change) | R@5 t2i (change) | Δ_ctrl | fine-tune s |",
         "|---|---|---|---|---|---|---|---|---|---|",

@@ -58,7 +58,6 @@ from spur_assets.core.model.clip_model import (  # noqa: E402
     ClipBundle,
     load_checkpoint,
     load_images_uint8,
-    new_small_clip,
     pixel_values_from_uint8,
     processor_image_size,
     save_checkpoint,
@@ -66,12 +65,13 @@ from spur_assets.core.model.clip_model import (  # noqa: E402
 )
 from spur_assets.core.metrics.evaluation import EvalSet, build_eval_index, embed_eval_set, evaluate_checkpoint  # noqa: E402
 from spur_assets.core.counterfactuals.finetune_data import FinetuneSet, assemble_finetune_set  # noqa: E402
+from spur_assets.core.model.recipes import SmallClipRecipe  # noqa: E402
 from spur_assets.core.records.lineage import LineageStore  # noqa: E402
 from spur_assets.core.model.training import (  # noqa: E402
     TrainConfig,
-    _make_optimizer,
-    _text_ids,
-    _warmup_cosine,
+    make_optimizer,
+    text_ids,
+    warmup_cosine,
     epoch_batches,
     paired_epoch_batches,  # the research version of it, ported; HardLinks has the fields it reads
     train_clip,
@@ -172,28 +172,23 @@ def val_headline(metrics: dict) -> dict:
 
 
 def train_val_base(train, out: Path, hold_out_validation: bool = True, **base_overrides) -> float:
-    """The pipeline's base recipe (BaseCheckpointConfig defaults, with overrides) on the train images.
+    """The pipeline's base recipe (the core's SmallClipRecipe, with overrides) on the train images.
 
     With hold_out_validation the validation images are left out (the base for `screen`).
     """
-    from spur_assets.pipeline.model_assets import BaseCheckpointConfig
-
-    c = BaseCheckpointConfig(**base_overrides)
+    c = SmallClipRecipe(**base_overrides)
     is_val = pl.col("image_id").is_in(sorted(validation_ids(train)) if hold_out_validation else [])
     images_frame = train.images.filter(~is_val).sort("image_id")
     fit_captions = train.captions.filter(~is_val)
     row_of = {image_id: row for row, image_id in enumerate(images_frame["image_id"].to_list())}
     images = load_images_uint8(images_frame["path"].to_list(), c.image_size, workers=1)
     captions = fit_captions.sort("caption_id")
-    bundle = new_small_clip(
-        captions["caption"].to_list(), image_size=c.image_size, seed=c.seed, vocab_size=c.vocab_size,
-        patch_size=c.patch_size, width=c.width, layers=c.layers, heads=c.heads, max_text_length=c.max_text_length,
-    )
+    bundle = c.new_model(captions["caption"].to_list())
     started = time.monotonic()
     train_clip(
         bundle, images, captions["caption"].to_list(),
         torch.tensor([row_of[i] for i in captions["image_id"].to_list()], dtype=torch.long),
-        TrainConfig(epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, seed=c.seed, captions_per_image=c.captions_per_image),
+        c.train_config(),
         "cpu",
     )
     seconds = time.monotonic() - started
@@ -418,7 +413,7 @@ def finetune(bundle: ClipBundle, fs: FinetuneSet, v: Variant, seed: int) -> floa
     tokens = bundle.tokenizer([str(c) for c in fs.captions], padding="max_length", truncation=True,
                               max_length=text_max_length(bundle), return_tensors="pt")
     input_ids, attention_mask = tokens["input_ids"], tokens["attention_mask"]
-    text_id = _text_ids(fs.captions)
+    text_id = text_ids(fs.captions)
     caption_image = torch.as_tensor(fs.caption_image, dtype=torch.long)
     links = hard_links(fs, COMPANION_OF_PATH or None)
     if v.freeze_text:
@@ -436,8 +431,8 @@ def finetune(bundle: ClipBundle, fs: FinetuneSet, v: Variant, seed: int) -> floa
         return epoch_batches(caption_image, v.batch_size, v.captions_per_image, seed, epoch)
 
     total = max(1, len(batches_of(0)) * v.epochs)
-    optimizer = _make_optimizer(model, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(v.warmup_steps, total))
+    optimizer = make_optimizer(model, config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(v.warmup_steps, total))
     started = time.monotonic()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -461,18 +456,18 @@ def finetune(bundle: ClipBundle, fs: FinetuneSet, v: Variant, seed: int) -> floa
 
 def check_default_matches_pipeline(bundle: ClipBundle, fs: FinetuneSet) -> float:
     """Loss of the first pipeline batch by training.contrastive_loss vs. this file's loss (variant default)."""
-    from spur_assets.core.model.training import _batch_loss
+    from spur_assets.core.model.training import batch_loss
 
     caption_image = torch.as_tensor(fs.caption_image, dtype=torch.long)
     tokens = bundle.tokenizer([str(c) for c in fs.captions], padding="max_length", truncation=True,
                               max_length=text_max_length(bundle), return_tensors="pt")
     images = load_images_uint8(fs.image_paths, processor_image_size(bundle.image_processor), workers=1)
     batch = epoch_batches(caption_image, 128, 5, 0, 0)[0]
-    text_id = _text_ids(fs.captions)
+    text_id = text_ids(fs.captions)
     config = TrainConfig(epochs=1, batch_size=128)
     bundle.model.eval()
     with torch.no_grad():
-        ref = _batch_loss(bundle, images, tokens["input_ids"], tokens["attention_mask"], text_id, caption_image, batch,
+        ref = batch_loss(bundle, images, tokens["input_ids"], tokens["attention_mask"], text_id, caption_image, batch,
                           torch.as_tensor(fs.hard_negative_text), torch.as_tensor(fs.hard_negative_image), config,
                           torch.device("cpu"))
         ours = variant_batch_loss(bundle.model, bundle, images, tokens["input_ids"], tokens["attention_mask"], text_id,
@@ -566,7 +561,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--work", default=str(WORK), help="folder for the validation base, named bases and the log")
     parser.add_argument("--log", default="", help="results file (default: WORK/results.jsonl)")
-    parser.add_argument("--base-set", default="", help="BaseCheckpointConfig overrides for `valbase`/`base`, e.g. epochs=8")
+    parser.add_argument("--base-set", default="", help="SmallClipRecipe overrides for `valbase`/`base`, e.g. epochs=8")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--save", default="", help="for `test`: save each fine-tuned model under SAVE/ARM-seedN")
     parser.add_argument("--eval-home", default="", help="for `test`/`valbase_eval`: score on these homes' test splits "

@@ -12,15 +12,22 @@ import polars as pl
 import torch
 
 from spur_assets.core.records.artifacts import ArtifactRef
-from spur_assets.core.model.clip_model import load_checkpoint, new_small_clip, save_checkpoint
+from spur_assets.core.model.clip_model import load_checkpoint, save_checkpoint
 from spur_assets.core.runtime.devices import resolve_device
-from spur_assets.core.counterfactuals.finetune_data import assemble_finetune_set
+from spur_assets.core.counterfactuals.finetune_data import COUNTERFACTUAL_RATIO, assemble_finetune_set
 from spur_assets.core.data.image_stream import DEFAULT_IN_MEMORY_MB, ImageFiles
 from spur_assets.core.metrics.plots import loss_curve
 from spur_assets.core.data.preprocessing import ImagePreprocessing
-from spur_assets.core.model.recipes import BUILTIN_BASE_RECIPE, PRETRAINED_RECIPE, FinetuneRecipe, recipe_for_base
+from spur_assets.core.model import recipes
+from spur_assets.core.model.recipes import (
+    BUILTIN_BASE_RECIPE,
+    PRETRAINED_RECIPE,
+    SMALL_CLIP_RECIPE,
+    FinetuneRecipe,
+    SmallClipRecipe,
+)
 from spur_assets.core.runtime.threads import use_torch_threads
-from spur_assets.core.model.training import TrainConfig, optimizer_steps, train_clip
+from spur_assets.core.model.training import optimizer_steps, train_clip
 from spur_assets.core.model.training_job import TrainingJob
 from spur_assets.pipeline.cluster import GPU_STEP_TAGS
 from spur_assets.pipeline.ingest import ALL_BATCHES, batches_split
@@ -33,24 +40,21 @@ from spur_assets.pipeline.ui_metadata import markdown_image, markdown_table
 class BaseCheckpointConfig(dg.Config):
     """The small CLIP trained from scratch when SPUR_BASE_MODEL is unset (ignored otherwise).
 
-    Defaults fit the built-in data's time budget on 2 CPU cores (bench/ has the
-    measurements): a 64-wide, 2-layer CLIP learns the scenes in ~3 minutes (8 epochs of the
-    4,000 train images; higher learning rates from scratch did worse on the validation split,
-    bench/experiments/RESEARCH.md section 5).
+    Defaults are core/model/recipes.py's SMALL_CLIP_RECIPE (why those values: its docstring).
     """
 
-    image_size: int = 64
-    patch_size: int = 8
-    width: int = 64
-    layers: int = 2
-    heads: int = 4
-    vocab_size: int = 1024
-    max_text_length: int = 24  # tokens; 99% of built-in captions fit
-    epochs: int = 8
-    batch_size: int = 128
-    lr: float = 1e-3
-    captions_per_image: int = 5  # captions of each image seen per epoch
-    seed: int = 0
+    image_size: int = SMALL_CLIP_RECIPE.image_size
+    patch_size: int = SMALL_CLIP_RECIPE.patch_size
+    width: int = SMALL_CLIP_RECIPE.width
+    layers: int = SMALL_CLIP_RECIPE.layers
+    heads: int = SMALL_CLIP_RECIPE.heads
+    vocab_size: int = SMALL_CLIP_RECIPE.vocab_size
+    max_text_length: int = SMALL_CLIP_RECIPE.max_text_length
+    epochs: int = SMALL_CLIP_RECIPE.epochs
+    batch_size: int = SMALL_CLIP_RECIPE.batch_size
+    lr: float = SMALL_CLIP_RECIPE.lr
+    captions_per_image: int = SMALL_CLIP_RECIPE.captions_per_image
+    seed: int = SMALL_CLIP_RECIPE.seed
     # Image decoding processes beside the training loop (0 = decode on the training thread). Images
     # stream from their files step by step. Results do not depend on it.
     workers: int = 1
@@ -155,17 +159,8 @@ def base_checkpoint(
         else:
             train = batches_split(raw_pairs, "train")
             captions = train.captions.sort("caption_id")
-            bundle = new_small_clip(
-                captions["caption"].to_list(),
-                image_size=config.image_size,
-                seed=config.seed,
-                vocab_size=config.vocab_size,
-                patch_size=config.patch_size,
-                width=config.width,
-                layers=config.layers,
-                heads=config.heads,
-                max_text_length=config.max_text_length,
-            )
+            recipe = SmallClipRecipe.of(config)
+            bundle = recipe.new_model(captions["caption"].to_list())
             images = ImageFiles.of(train.images["path"].to_list(), ImagePreprocessing.of(bundle.image_processor))
             workers = _training_workers(session, images, config.in_memory_mb, config.workers)
             context.log.info(f"training on {len(images)} train images, {_image_path_note(images, config.in_memory_mb, workers)}")
@@ -174,13 +169,7 @@ def base_checkpoint(
                 images,
                 captions["caption"].to_list(),
                 torch.tensor(captions["image_id"].to_list(), dtype=torch.long),
-                TrainConfig(
-                    epochs=config.epochs,
-                    batch_size=config.batch_size,
-                    lr=config.lr,
-                    seed=config.seed,
-                    captions_per_image=config.captions_per_image,
-                ),
+                recipe.train_config(),
                 device,
                 checkpoint_dir=resume_dir,
                 progress=_log_progress(context),
@@ -215,9 +204,7 @@ class FinetunedCheckpointConfig(dg.Config):
     max_steps: Optional[int] = None  # cap on optimizer steps
     micro_batch_size: Optional[int] = None  # rows per forward; the loss and gradient stay the full batch's
     freeze_layers: Optional[int] = None  # freeze both towers' embeddings and this many lowest layers
-    # share of counterfactual images among the images trained on; 0.34 kept R@5 over 3 seeds where
-    # 0.5 gained more ODmAP but lost R@5 i2t on two seeds (bench/experiments/SEEDS.md)
-    counterfactual_ratio: float = 0.34
+    counterfactual_ratio: float = COUNTERFACTUAL_RATIO  # share of counterfactual images (core/counterfactuals/finetune_data.py)
     use_removal: bool = True
     # Paste edits are built (and exported) but left out of fine-tuning by default: on the built-in
     # data they lowered ODmAP and R@5 (bench/experiments/ABLATION.md); set True to train on them too.
@@ -247,24 +234,15 @@ PRETRAINED_FINETUNE_LR = PRETRAINED_RECIPE.lr
 
 def finetune_recipe(config: FinetunedCheckpointConfig, base_model: str) -> FinetuneRecipe:
     """The recipe a fine-tune runs: the one for the kind of base (or `config.recipe`), with config's overrides."""
-    if config.lr is not None and config.lr < 0:
-        raise ValueError(f"finetuned_checkpoint config lr={config.lr}: set a rate > 0, or leave it unset for the recipe's")
-    for field in ("epochs", "batch_size", "max_steps", "micro_batch_size"):
-        value = getattr(config, field)
-        if value is not None and value < 1:
-            raise ValueError(f"finetuned_checkpoint config {field}={value}: set a value >= 1, or leave it unset for the recipe's")
-    recipe = {"auto": recipe_for_base(base_model), "builtin": BUILTIN_BASE_RECIPE, "pretrained": PRETRAINED_RECIPE}[config.recipe]
-    return recipe.with_(
-        lr=config.lr or None,
-        epochs=config.epochs,
-        batch_size=config.batch_size,
-        warmup_steps=config.warmup_steps,
-        weight_decay=config.weight_decay,
-        captions_per_image=config.captions_per_image,
-        max_steps=config.max_steps,
-        micro_batch_size=config.micro_batch_size,
-        freeze_layers=config.freeze_layers,
-    )
+    try:
+        return recipes.finetune_recipe(
+            config.recipe, base_model,
+            lr=config.lr, epochs=config.epochs, batch_size=config.batch_size, warmup_steps=config.warmup_steps,
+            weight_decay=config.weight_decay, captions_per_image=config.captions_per_image, max_steps=config.max_steps,
+            micro_batch_size=config.micro_batch_size, freeze_layers=config.freeze_layers,
+        )
+    except ValueError as problem:
+        raise ValueError(f"finetuned_checkpoint config {problem}") from None
 
 
 def finetune_lr(config: FinetunedCheckpointConfig, base_model: str) -> float:

@@ -7,15 +7,19 @@ recipes differ because the two kinds of base differ by orders of magnitude in wh
 change: a 2-layer CLIP trained here for three minutes wants large steps, a CLIP pretrained on
 400M pairs loses what it knows under the same steps.
 
-`recipe_for_base` picks one from the base (SPUR_BASE_MODEL set or not); `FinetuneRecipe.with_`
-overrides single fields; `FinetuneRecipe.train_config` turns a recipe plus the loss settings
-into the `training.TrainConfig` that `train_clip` runs.
+`recipe_for_base` picks one from the base (SPUR_BASE_MODEL set or not); `finetune_recipe`
+picks one by name with overrides checked; `FinetuneRecipe.with_` overrides single fields;
+`FinetuneRecipe.train_config` turns a recipe plus the loss settings into the
+`training.TrainConfig` that `train_clip` runs. `SmallClipRecipe` is the base trained here
+from scratch: its architecture and optimisation, `new_model` and `train_config`.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, fields, replace
 
+from spur_assets.core.model.clip_model import ClipBundle, new_small_clip
 from spur_assets.core.model.training import TrainConfig
 
 
@@ -116,3 +120,71 @@ PRETRAINED_RECIPE = FinetuneRecipe(
 def recipe_for_base(base_model: str | None) -> FinetuneRecipe:
     """PRETRAINED_RECIPE when a pretrained base is named (SPUR_BASE_MODEL), else BUILTIN_BASE_RECIPE."""
     return PRETRAINED_RECIPE if base_model else BUILTIN_BASE_RECIPE
+
+
+RECIPES = {"builtin": BUILTIN_BASE_RECIPE, "pretrained": PRETRAINED_RECIPE}
+_AT_LEAST_ONE = ("epochs", "batch_size", "max_steps", "micro_batch_size")
+
+
+def finetune_recipe(kind: str, base_model: str | None, **overrides) -> FinetuneRecipe:
+    """The recipe a fine-tune runs: `kind` "auto" (from the base), "builtin" or "pretrained", with overrides.
+
+    An override of None (or an lr of 0) keeps the recipe's value. Raises ValueError on a negative
+    rate or a count below 1, naming the field.
+    """
+    lr = overrides.get("lr")
+    if lr is not None and lr < 0:
+        raise ValueError(f"lr={lr}: set a rate > 0, or leave it unset for the recipe's")
+    for name in _AT_LEAST_ONE:
+        value = overrides.get(name)
+        if value is not None and value < 1:
+            raise ValueError(f"{name}={value}: set a value >= 1, or leave it unset for the recipe's")
+    if kind != "auto" and kind not in RECIPES:
+        raise ValueError(f"recipe {kind!r}: use auto, {', '.join(RECIPES)}")
+    recipe = recipe_for_base(base_model) if kind == "auto" else RECIPES[kind]
+    return recipe.with_(**{**overrides, "lr": lr or None})
+
+
+@dataclass(frozen=True)
+class SmallClipRecipe:
+    """The small CLIP trained from scratch on the built-in data (no SPUR_BASE_MODEL): shape and training.
+
+    The defaults fit the built-in data's time budget on 2 CPU cores: a 64-wide, 2-layer CLIP
+    learns the scenes in about 3 minutes (8 epochs of the 4,000 train images; higher learning
+    rates from scratch did worse on a validation split, bench/experiments/RESEARCH.md section 5).
+    """
+
+    image_size: int = 64
+    patch_size: int = 8
+    width: int = 64
+    layers: int = 2
+    heads: int = 4
+    vocab_size: int = 1024
+    max_text_length: int = 24  # tokens; 99% of built-in captions fit
+    epochs: int = 8
+    batch_size: int = 128
+    lr: float = 1e-3
+    captions_per_image: int = 5  # captions of each image seen per epoch
+    seed: int = 0
+
+    @classmethod
+    def of(cls, settings: object) -> SmallClipRecipe:
+        """The recipe with every field read from `settings` (e.g. base_checkpoint's config) that has it."""
+        return cls(**{f.name: getattr(settings, f.name) for f in fields(cls) if hasattr(settings, f.name)})
+
+    def new_model(self, captions: Iterable[str]) -> ClipBundle:
+        """A randomly initialised CLIP of this shape, its tokenizer trained on `captions`."""
+        return new_small_clip(
+            captions, image_size=self.image_size, seed=self.seed, vocab_size=self.vocab_size,
+            patch_size=self.patch_size, width=self.width, layers=self.layers, heads=self.heads,
+            max_text_length=self.max_text_length,
+        )
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(
+            epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, seed=self.seed,
+            captions_per_image=self.captions_per_image,
+        )
+
+
+SMALL_CLIP_RECIPE = SmallClipRecipe()

@@ -432,14 +432,14 @@ def train_clip(
             "set it to None and raise the number of processes, or lower batch_size."
         )
     captions = [str(c) for c in captions]
-    text_id = _text_ids(captions)
+    text_id = text_ids(captions)
     links = _links_for(config, caption_image, source_length(images), hard_negative_text, hard_negative_image)
     total_steps = _total_steps(config, caption_image, links)
     model.to(device)
     frozen = freeze_lower_layers(model, config.freeze_layers)
-    optimizer = _make_optimizer(model, config)
+    optimizer = make_optimizer(model, config)
     towers = None if data_parallel is None else data_parallel_towers(model, device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(config.warmup_steps, total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.warmup_steps, total_steps))
 
     hn_text, hn_image = hard_negative_text, hard_negative_image
     fingerprint = "" if checkpoint_dir is None else _fingerprint(config, images, captions, caption_image, hn_text, hn_image)
@@ -742,7 +742,7 @@ def _rows_to_load(plan: _StepPlan, data_parallel: DataParallelGroup | None) -> t
     return padded_shard(plan.all_images, data_parallel.rank, data_parallel.world_size)
 
 
-def _batch_loss(
+def batch_loss(
     bundle: ClipBundle,
     images_uint8: torch.Tensor,
     input_ids: torch.Tensor,
@@ -986,12 +986,14 @@ def _check_indices(field: str, values: torch.Tensor, bound: int, target: str, al
         raise ValueError(f"train_clip: {field}[{first}] = {int(values[first])} is not an index into {target}; expected {allowed}.")
 
 
-def _text_ids(captions: Sequence[str]) -> torch.Tensor:
+def text_ids(captions: Sequence[str]) -> torch.Tensor:
+    """One id per distinct caption text, in order of first appearance (equal texts are not negatives of each other)."""
     seen: dict[str, int] = {}
     return torch.tensor([seen.setdefault(str(c), len(seen)) for c in captions], dtype=torch.long)
 
 
-def _make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, decaying weight matrices only (not gains, biases, embeddings or the logit scale)."""
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
@@ -1010,7 +1012,8 @@ def _make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
     )
 
 
-def _warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """The learning-rate factor per step: linear warm-up over `warmup_steps`, then cosine decay to 0."""
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
