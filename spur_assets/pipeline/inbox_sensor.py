@@ -10,6 +10,7 @@ from spur_assets.pipeline.counterfactual_assets import batch_counterfactuals, co
 from spur_assets.pipeline.expose import spurious_features
 from spur_assets.pipeline.ingest import batches, raw_pairs
 from spur_assets.pipeline.model_assets import base_checkpoint, control_checkpoint, finetuned_checkpoint
+from spur_assets.pipeline.recovery import ACTIVE_STATUSES
 from spur_assets.pipeline.report_assets import metric_report
 from spur_assets.pipeline.resources import SpurSettings
 
@@ -24,10 +25,6 @@ GRAPH = [raw_pairs, spurious_features, batch_counterfactuals, base_checkpoint, s
          finetuned_checkpoint, control_checkpoint, metric_report, counterfactual_dataset]
 WHOLE_GRAPH = [key for asset in GRAPH for key in asset.keys]
 INBOX_TAG = "spur/inbox"
-_IN_FLIGHT = [
-    dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
-    dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING,
-]
 
 
 def _selection_for(context: dg.SensorEvaluationContext, new: int) -> list[dg.AssetKey]:
@@ -38,7 +35,7 @@ def _selection_for(context: dg.SensorEvaluationContext, new: int) -> list[dg.Ass
     only a lone run takes the graph along; otherwise each batch is ingested and the automation
     follows once they are in.
     """
-    busy = context.instance.get_runs(filters=dg.RunsFilter(statuses=_IN_FLIGHT, tags={INBOX_TAG: "batch"}), limit=1)
+    busy = context.instance.get_runs(filters=dg.RunsFilter(statuses=ACTIVE_STATUSES, tags={INBOX_TAG: "batch"}), limit=1)
     return WHOLE_GRAPH if new == 1 and not busy else [raw_pairs.key]
 
 

@@ -21,7 +21,7 @@ from spur_assets.core.records.artifacts import process_alive, remove_dead_stagin
 from spur_assets.pipeline.resources import SpurSettings
 
 PID_TAG, HOST_TAG = "spur/pid", "spur/host"
-_ACTIVE = [
+ACTIVE_STATUSES = [  # a run in any of these has not ended
     dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING,
     dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED,
 ]
@@ -41,7 +41,7 @@ def tag_run_with_this_process(context: dg.AssetExecutionContext) -> None:
 def fail_dead_runs(instance: dg.DagsterInstance, spur_home: Path, by: str) -> Iterator[str]:
     """Mark runs of this host whose tagged process is gone as FAILURE, remove dead staging; says what it did."""
     host = socket.gethostname()
-    for run in instance.get_runs(filters=dg.RunsFilter(statuses=_ACTIVE, tags={HOST_TAG: host})):
+    for run in instance.get_runs(filters=dg.RunsFilter(statuses=ACTIVE_STATUSES, tags={HOST_TAG: host})):
         pid = run.tags.get(PID_TAG, "")
         if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
             instance.report_run_failed(run, f"the process running it (pid {pid} on {host}) is gone; marked failed by {by}")
