@@ -25,6 +25,8 @@ from spur_assets.core.counterfactuals.eval_set import (
     removal_mask,
 )
 from spur_assets.core.counterfactuals.inpaint import InpainterSpec, OpenCVInpainter, TorchInpainter
+from spur_assets.core.counterfactuals.recipe import CounterfactualRecipe
+from spur_assets.core.data.batch_union import SplitTables
 
 # --------------------------------------------------------------------------- masks
 
@@ -270,8 +272,8 @@ def built(dataset, tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("cf-one-worker")
     messages: list[str] = []
     result = build_eval_counterfactuals(
-        images, captions, instances, PAIRS, out_dir, OpenCVInpainter(), dilation_px=2, seed=7,
-        tasks_per_chunk=1, progress=messages.append,
+        SplitTables(images, captions, instances), PAIRS, out_dir,
+        CounterfactualRecipe(OpenCVInpainter(), dilation_px=2, seed=7, tasks_per_chunk=1), progress=messages.append,
     )
     return result, out_dir, messages
 
@@ -364,8 +366,8 @@ def test_two_workers_give_the_same_set_as_one(built, dataset, tmp_path):
     result, out_dir, _ = built
     images, captions, instances, _ = dataset
     two = build_eval_counterfactuals(
-        images, captions, instances, PAIRS, tmp_path, InpainterSpec("opencv"), dilation_px=2, seed=7,
-        tasks_per_chunk=1, workers=2,
+        SplitTables(images, captions, instances), PAIRS, tmp_path,
+        CounterfactualRecipe(InpainterSpec("opencv"), dilation_px=2, seed=7, workers=2, tasks_per_chunk=1),
     )
     assert _relative(two.images, tmp_path).equals(_relative(result.images, out_dir))
     assert two.captions.equals(result.captions)
@@ -378,7 +380,10 @@ def test_same_seed_same_controls_other_seed_other_place(dataset, tmp_path):
     images, captions, instances, _ = dataset
     pairs = PAIRS.head(1)
     runs = [
-        build_eval_counterfactuals(images, captions, instances, pairs, tmp_path / str(i), TorchInpainter(), seed=seed)
+        build_eval_counterfactuals(
+            SplitTables(images, captions, instances), pairs, tmp_path / str(i),
+            CounterfactualRecipe(TorchInpainter(), seed=seed),
+        )
         for i, seed in enumerate([3, 3, 4])
     ]
     masks = [
@@ -391,10 +396,15 @@ def test_same_seed_same_controls_other_seed_other_place(dataset, tmp_path):
 def test_missing_columns_and_files_are_named(dataset, tmp_path):
     images, captions, instances, _ = dataset
     with pytest.raises(ValueError, match=r"pairs frame lacks column\(s\) \['companion'\]"):
-        build_eval_counterfactuals(images, captions, instances, PAIRS.select("anchor"), tmp_path, OpenCVInpainter())
+        build_eval_counterfactuals(
+            SplitTables(images, captions, instances), PAIRS.select("anchor"), tmp_path,
+            CounterfactualRecipe(OpenCVInpainter()),
+        )
     moved = images.with_columns(pl.col("path") + ".gone")
     with pytest.raises(FileNotFoundError, match=r"0001\.png\.gone: image file of image_id 1"):
-        build_eval_counterfactuals(moved, captions, instances, PAIRS, tmp_path, OpenCVInpainter())
+        build_eval_counterfactuals(
+            SplitTables(moved, captions, instances), PAIRS, tmp_path, CounterfactualRecipe(OpenCVInpainter())
+        )
 
 
 def test_before_after_grid_writes_a_png(built, tmp_path):

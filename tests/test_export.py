@@ -11,11 +11,13 @@ import pytest
 from pycocotools.coco import COCO
 
 from spur_assets.core.data import vocabulary
+from spur_assets.core.data.batch_union import SplitTables
 from spur_assets.core.data.builtin_dataset import INJECTED_PAIRS, BuiltinDatasetSpec, generate_builtin_dataset
 from spur_assets.core.data.coco_ingest import decode_instance_mask, load_batch
 from spur_assets.core.counterfactuals.eval_set import build_eval_counterfactuals
 from spur_assets.core.counterfactuals.export import eval_id_offset, export_counterfactual_dataset
 from spur_assets.core.counterfactuals.inpaint import OpenCVInpainter
+from spur_assets.core.counterfactuals.recipe import CounterfactualRecipe
 from spur_assets.core.counterfactuals.train_counterfactuals import build_train_counterfactuals
 
 PAIRS = pl.DataFrame({"anchor": [a for a, _ in INJECTED_PAIRS], "companion": [b for _, b in INJECTED_PAIRS]})
@@ -27,14 +29,10 @@ SOURCE = {"source_dataset": "spur-assets built-in dataset (seed 5)", "backend": 
 def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     tables = load_batch(generate_builtin_dataset(root / "data", BuiltinDatasetSpec(seed=5, n_train=150, n_test=60)), "b0")
-    inpainter = OpenCVInpainter()
-    evaluation = build_eval_counterfactuals(
-        tables.images, tables.captions, tables.instances, PAIRS, root / "eval", inpainter, seed=3
-    )
-    train = build_train_counterfactuals(
-        tables.images, tables.captions, tables.instances, PAIRS, root / "train", inpainter,
-        removal_per_pair=8, paste_per_pair=6, seed=3,
-    )
+    raw = SplitTables(tables.images, tables.captions, tables.instances)
+    recipe = CounterfactualRecipe(OpenCVInpainter(), seed=3, removal_per_pair=8, paste_per_pair=6)
+    evaluation = build_eval_counterfactuals(raw, PAIRS, root / "eval", recipe)
+    train = build_train_counterfactuals(raw, PAIRS, root / "train", recipe)
     test_captions = tables.captions.filter(pl.col("split") == "test")
     test_instances = tables.instances.filter(pl.col("split") == "test")
     manifest = export_counterfactual_dataset(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import dagster as dg
@@ -24,7 +25,7 @@ from spur_assets.core.counterfactuals.batch_counterfactuals import (
     combine_batch_counterfactuals,
     stale_batches,
 )
-from spur_assets.core.data.batch_union import union_split
+from spur_assets.core.data.batch_union import SplitTables, union_split
 from spur_assets.core.data.builtin_dataset import INJECTED_PAIRS, BuiltinDatasetSpec, generate_builtin_dataset
 from spur_assets.core.data.coco_ingest import load_batch
 from spur_assets.core.counterfactuals.inpaint import InpainterSpec
@@ -34,13 +35,19 @@ PAIRS = pl.DataFrame({"anchor": [a for a, _ in INJECTED_PAIRS], "companion": [b 
 # Batches counterfactualise both directions (mutual pairs are oriented only over all batches).
 BOTH_WAYS = pl.concat([PAIRS, PAIRS.select(pl.col("companion").alias("anchor"), pl.col("anchor").alias("companion"))])
 # 1.2% of a 64-px image: some companions are larger, so both builders skip images.
-RECIPE = CounterfactualRecipe(InpainterSpec("opencv"), max_companion_fraction=0.012, dilation_px=2, seed=3)
-DRAWS = {"removal_per_pair": 2, "paste_per_pair": 3}
+# The draw counts matter only when combining (a batch part holds every removal candidate).
+RECIPE = CounterfactualRecipe(
+    InpainterSpec("opencv"), max_companion_fraction=0.012, dilation_px=2, seed=3, removal_per_pair=2, paste_per_pair=3
+)
 BATCHES = {"alpha": 1, "beta": 2}
 
 
-def _stack(tables: dict, attribute: str) -> pl.DataFrame:
-    return pl.concat([getattr(t, attribute) for t in tables.values()], how="vertical_relaxed")
+def _stack(tables: dict) -> SplitTables:
+    """The raw tables of every batch stacked, each batch with its own ids."""
+    return SplitTables(*(
+        pl.concat([getattr(t, attribute) for t in tables.values()], how="vertical_relaxed")
+        for attribute in ("images", "captions", "instances")
+    ))
 
 
 @pytest.fixture(scope="module")
@@ -58,17 +65,16 @@ def raw(tmp_path_factory):
 def runs(raw, tmp_path_factory):
     _, tables = raw
     root = tmp_path_factory.mktemp("runs")
-    images, captions, instances = (_stack(tables, a) for a in ("images", "captions", "instances"))
-    one = build_synthetic_counterfactuals(images, captions, instances, PAIRS, root / "one", RECIPE, **DRAWS)
+    stacked = _stack(tables)
+    one = build_synthetic_counterfactuals(stacked, PAIRS, root / "one", RECIPE)
     parts = [
-        build_batch_counterfactuals(t.images, t.captions, t.instances, BOTH_WAYS, root / f"part-{name}", RECIPE,
-                                    source="v1")
+        build_batch_counterfactuals(
+            SplitTables(t.images, t.captions, t.instances), BOTH_WAYS, root / f"part-{name}", RECIPE, source="v1"
+        )
         for name, t in tables.items()
     ]
-    combined = combine_batch_counterfactuals(
-        list(reversed(parts)), images, captions, instances, PAIRS, root / "combined", RECIPE, **DRAWS
-    )
-    return root, one, parts, combined, (images, captions, instances)
+    combined = combine_batch_counterfactuals(list(reversed(parts)), stacked, PAIRS, root / "combined", RECIPE)
+    return root, one, parts, combined, stacked
 
 
 def _relative(frame: pl.DataFrame, root: Path) -> pl.DataFrame:
@@ -105,7 +111,7 @@ def test_combined_tables_equal_the_one_run_row_by_row(runs):
     assert set(one.eval.images["batch"]) == set(BATCHES) and set(one.train.images["batch"]) == set(BATCHES)
     assert one.eval.skipped.height > 0 and one.train.skipped.height > 0
     removals = one.train.images.filter(pl.col("kind") == "removal").group_by("pair").len()
-    assert removals["len"].to_list() == [DRAWS["removal_per_pair"]] * len(PAIRS)
+    assert removals["len"].to_list() == [RECIPE.removal_per_pair] * len(PAIRS)
     assert one.train.images.filter(pl.col("kind") == "paste").height > 0
 
 
@@ -131,7 +137,8 @@ def test_combined_pngs_equal_the_one_run_and_reuse_the_batch_files(runs):
 
 
 def test_ids_are_the_global_ids_of_union_split(runs, raw):
-    _, _, _, combined, (images, captions, instances) = runs
+    _, _, _, combined, stacked = runs
+    images, captions, instances = stacked.images, stacked.captions, stacked.instances
     for split, image_frame, caption_frame in (
         ("test", combined.eval.images, combined.eval.captions),
         ("train", combined.train.images, None),
@@ -164,7 +171,7 @@ def test_ids_are_the_global_ids_of_union_split(runs, raw):
 
 
 def test_stale_parts_are_named_and_refused(runs):
-    root, _, parts, _, (images, captions, instances) = runs
+    root, _, parts, _, stacked = runs
     by_batch = {p.batch: p for p in parts}
     sources = {"alpha": "v1", "beta": "v1"}
     assert stale_batches(by_batch, sources, PAIRS, RECIPE) == {}
@@ -174,16 +181,16 @@ def test_stale_parts_are_named_and_refused(runs):
     assert stale_batches(by_batch, {"alpha": "v2", "beta": "v1"}, PAIRS, RECIPE) == {
         "alpha": "built from 'v1', the batch is now 'v2'"
     }
-    other_seed = CounterfactualRecipe(RECIPE.inpainter, RECIPE.max_companion_fraction, RECIPE.dilation_px, seed=4)
+    other_seed = replace(RECIPE, seed=4)
     assert stale_batches(by_batch, sources, PAIRS, other_seed) == {
         "alpha": "made with other settings (seed)", "beta": "made with other settings (seed)"
     }
     extra = pl.concat([PAIRS, pl.DataFrame({"anchor": ["cat"], "companion": ["umbrella"]})])
     assert stale_batches(by_batch, sources, extra, RECIPE)["alpha"] == "lacks pair(s) cat->umbrella"
     with pytest.raises(ValueError, match=r"alpha: made with other settings \(seed\)"):
-        combine_batch_counterfactuals(parts, images, captions, instances, PAIRS, root / "refused", other_seed)
+        combine_batch_counterfactuals(parts, stacked, PAIRS, root / "refused", other_seed)
     with pytest.raises(ValueError, match=r"one part per batch .*\['alpha', 'beta'\].*\['alpha'\]"):
-        combine_batch_counterfactuals(parts[:1], images, captions, instances, PAIRS, root / "refused", RECIPE)
+        combine_batch_counterfactuals(parts[:1], stacked, PAIRS, root / "refused", RECIPE)
 
 
 # --------------------------------------------------------------------------- through Dagster
@@ -239,11 +246,11 @@ def test_assets_fan_out_per_batch_and_combine_to_the_one_run(raw, tmp_path):
     # Both materializations equal the one-run function on the same raw tables, oriented pairs and settings.
     home_refs = settings.home_path / "refs"
     pairs_used = pl.read_parquet(Path(meta["artifact_dir"].value) / "cf_pairs.parquet").select("anchor", "companion")
-    stacked = [_stack(tables, a) for a in ("images", "captions", "instances")]
+    stacked = _stack(tables)
     for seed, materialization in ((3, meta), (4, rebuilt)):
         folder = Path(materialization["artifact_dir"].value)
-        recipe = CounterfactualRecipe(RECIPE.inpainter, 0.012, 2, seed)
-        one = build_synthetic_counterfactuals(*stacked, pairs_used, tmp_path / f"one-{seed}", recipe, **DRAWS)
+        # The assets' config: max_companion_fraction 0.012, dilation 2, this seed, draws 2 and 3.
+        one = build_synthetic_counterfactuals(stacked, pairs_used, tmp_path / f"one-{seed}", replace(RECIPE, seed=seed))
         for table, reference in (("cf_eval_images", one.eval.images), ("cf_eval_captions", one.eval.captions),
                                  ("cf_train_images", one.train.images), ("cf_train_objects", one.train.objects),
                                  ("cf_train_lift", one.train.lift)):

@@ -12,9 +12,11 @@ from PIL import Image
 from pycocotools import mask as coco_mask
 
 from spur_assets.core.data import vocabulary
+from spur_assets.core.data.batch_union import SplitTables
 from spur_assets.core.data.builtin_dataset import INJECTED_PAIRS, BuiltinDatasetSpec, generate_builtin_dataset
 from spur_assets.core.data.coco_ingest import load_batch
 from spur_assets.core.counterfactuals.inpaint import InpainterSpec, OpenCVInpainter
+from spur_assets.core.counterfactuals.recipe import CounterfactualRecipe
 from spur_assets.core.counterfactuals.train_counterfactuals import (
     PASTE_ADDED,
     REMOVAL_EDIT,
@@ -35,13 +37,18 @@ def tables(tmp_path_factory):
     return load_batch(manifest, "b0")
 
 
+def _raw(tables) -> SplitTables:
+    """The images, captions and instances of a loaded batch."""
+    return SplitTables(tables.images, tables.captions, tables.instances)
+
+
 @pytest.fixture(scope="module")
 def built(tables, tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("train-cf")
     messages: list[str] = []
     result = build_train_counterfactuals(
-        tables.images, tables.captions, tables.instances, PAIRS, out_dir, OpenCVInpainter(),
-        dilation_px=DILATION, seed=3, progress=messages.append,
+        _raw(tables), PAIRS, out_dir, CounterfactualRecipe(OpenCVInpainter(), dilation_px=DILATION, seed=3),
+        progress=messages.append,
     )
     return result, out_dir, messages
 
@@ -252,9 +259,7 @@ def test_lift_matches_a_hand_count_and_moves_toward_one(built, tables):
 
 def test_default_paste_count_brings_a_lone_pair_to_lift_one(tables, tmp_path):
     pair = PAIRS.head(1)
-    result = build_train_counterfactuals(
-        tables.images, tables.captions, tables.instances, pair, tmp_path, OpenCVInpainter(), seed=3
-    )
+    result = build_train_counterfactuals(_raw(tables), pair, tmp_path, CounterfactualRecipe(OpenCVInpainter(), seed=3))
     row = result.lift.row(0, named=True)
     # The smallest paste count with lift <= 1 (see test_pastes_for_unit_lift_hand_computed):
     # one paste fewer would leave it above 1.
@@ -268,10 +273,8 @@ def test_default_paste_count_brings_a_lone_pair_to_lift_one(tables, tmp_path):
 
 def test_limits_are_respected_and_drawn_by_seed(tables, tmp_path):
     def run(seed: int, name: str):
-        return build_train_counterfactuals(
-            tables.images, tables.captions, tables.instances, PAIRS.head(1), tmp_path / name, OpenCVInpainter(),
-            removal_per_pair=4, paste_per_pair=3, seed=seed,
-        )
+        recipe = CounterfactualRecipe(OpenCVInpainter(), seed=seed, removal_per_pair=4, paste_per_pair=3)
+        return build_train_counterfactuals(_raw(tables), PAIRS.head(1), tmp_path / name, recipe)
 
     first, again, other = run(1, "a"), run(1, "b"), run(2, "c")
     counts = dict(first.images.group_by("kind").len().rows())
@@ -284,8 +287,8 @@ def test_limits_are_respected_and_drawn_by_seed(tables, tmp_path):
 
 def test_large_companions_are_skipped_with_a_reason(tables, tmp_path):
     result = build_train_counterfactuals(
-        tables.images, tables.captions, tables.instances, PAIRS.head(1), tmp_path, OpenCVInpainter(),
-        max_companion_fraction=0.001, paste_per_pair=0,
+        _raw(tables), PAIRS.head(1), tmp_path,
+        CounterfactualRecipe(OpenCVInpainter(), max_companion_fraction=0.001, paste_per_pair=0),
     )
     assert result.images.height == 0
     removal_skips = result.skipped.filter(pl.col("kind") == "removal")
@@ -296,8 +299,8 @@ def test_large_companions_are_skipped_with_a_reason(tables, tmp_path):
 def test_two_workers_give_the_same_set_as_one(built, tables, tmp_path):
     result, out_dir, _ = built
     two = build_train_counterfactuals(
-        tables.images, tables.captions, tables.instances, PAIRS, tmp_path, InpainterSpec("opencv"),
-        dilation_px=DILATION, seed=3, workers=2,
+        _raw(tables), PAIRS, tmp_path,
+        CounterfactualRecipe(InpainterSpec("opencv"), dilation_px=DILATION, seed=3, workers=2),
     )
 
     def relative(frame: pl.DataFrame, root: Path) -> pl.DataFrame:
@@ -314,7 +317,8 @@ def test_two_workers_give_the_same_set_as_one(built, tables, tmp_path):
 def test_missing_columns_are_named(tables, tmp_path):
     with pytest.raises(ValueError, match=r"instances frame lacks column\(s\) \['rle_counts'\]"):
         build_train_counterfactuals(
-            tables.images, tables.captions, tables.instances.drop("rle_counts"), PAIRS, tmp_path, OpenCVInpainter()
+            SplitTables(tables.images, tables.captions, tables.instances.drop("rle_counts")), PAIRS, tmp_path,
+            CounterfactualRecipe(OpenCVInpainter()),
         )
 
 
@@ -358,7 +362,8 @@ def _hand_tables(root: Path) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
 def test_a_cut_from_a_smaller_image_is_scaled_to_the_target(tmp_path):
     images, captions, instances = _hand_tables(tmp_path)
     result = build_train_counterfactuals(
-        images, captions, instances, PAIRS.head(1), tmp_path / "out", OpenCVInpainter(), paste_per_pair=1
+        SplitTables(images, captions, instances), PAIRS.head(1), tmp_path / "out",
+        CounterfactualRecipe(OpenCVInpainter(), paste_per_pair=1),
     )
     paste = result.images.filter(pl.col("kind") == "paste").row(0, named=True)
     assert (paste["source_image_id"], paste["donor_image_id"], paste["donor_annotation_id"]) == (2, 1, 102)

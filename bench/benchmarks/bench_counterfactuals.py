@@ -7,7 +7,7 @@ distractors, with compressed-RLE instance masks and five captions.
 Two levels per backend:
 - the backend alone: `inpainter.inpaint(images, masks)` on in-memory arrays with the
   dilated companion mask (the limit);
-- the pipeline: `counterfactuals.build_eval_counterfactuals` (what synthetic_counterfactuals
+- the pipeline: `eval_set.build_eval_counterfactuals` (what synthetic_counterfactuals
   runs): RLE decoding, removal and control masks, control placement, inpainting of both,
   four PNGs written per (pair, image), caption edits; `workers` = 1 and 2 spawned
   processes (`run_inpainting_chunks`), chunks of 4 tasks as the pipeline uses.
@@ -32,6 +32,8 @@ from bench.benchmarks.coco_like import coco_like_scene, companion_removal_mask, 
 from bench.benchmarks.harness import Figure, Section, median, ratios, repeat_interleaved, spread
 from spur_assets.core.counterfactuals.eval_set import build_eval_counterfactuals, removal_mask
 from spur_assets.core.counterfactuals.inpaint import InpainterSpec
+from spur_assets.core.counterfactuals.recipe import CounterfactualRecipe
+from spur_assets.core.data.batch_union import SplitTables
 
 DILATION_PX = 2  # CounterfactualsConfig.dilation_px
 SCALES = {
@@ -163,7 +165,8 @@ def run(scale: str = "full", reps: int = 3, device: str = "cpu", log=print, back
                 shutil.rmtree(out_dir, ignore_errors=True)
                 started = time.perf_counter()
                 built = build_eval_counterfactuals(
-                    images_table, captions, instances, tables["pairs"], out_dir, spec, dilation_px=DILATION_PX, workers=workers
+                    SplitTables(images_table, captions, instances), tables["pairs"], out_dir,
+                    CounterfactualRecipe(spec, dilation_px=DILATION_PX, workers=workers),
                 )
                 seconds = time.perf_counter() - started
                 kept.append(built.images.height)

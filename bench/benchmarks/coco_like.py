@@ -96,6 +96,8 @@ def rle_counts(mask: np.ndarray) -> str:
 def write_eval_tables(out_dir: Path, n_images: int, seed: int = 0, height: int = HEIGHT, width: int = WIDTH) -> dict[str, pl.DataFrame]:
     """JPEG scenes under out_dir plus the images/captions/instances/pairs frames build_eval_counterfactuals reads.
 
+    build_eval_counterfactuals takes the first three as a ``SplitTables``.
+
     Every image is a test image showing one of PAIRS (round robin) and gets 5 captions,
     two of which name the companion. Returns {"images", "captions", "instances", "pairs"}.
     """

@@ -20,7 +20,6 @@ import argparse
 import json
 import platform
 import time
-from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from spur_assets.core.model.clip_model import load_checkpoint, load_images_uint8
 from spur_assets.core.metrics.evaluation import EvalSet, evaluate_checkpoint
 from spur_assets.core.counterfactuals.finetune_data import assemble_finetune_set
 from spur_assets.core.records.lineage import LineageStore
-from spur_assets.core.model.training import train_clip
+from spur_assets.core.model.finetuning import TrainingPlan
 from spur_assets.core.counterfactuals.finetune_data import COUNTERFACTUAL_RATIO
 from spur_assets.core.model.recipes import finetune_recipe
 
@@ -103,15 +102,10 @@ def main() -> None:
                 counterfactual_ratio=ratio, seed=seed, **data,
             )
             bundle = load_checkpoint(base.path("checkpoint"))
+            plan = TrainingPlan.finetune(fs, recipe, seed, **loss)
             images = load_images_uint8(fs.image_paths, processor_image_size(bundle.image_processor), workers=2)
             started = time.monotonic()
-            train_clip(
-                bundle, images, fs.captions, torch.tensor(fs.caption_image),
-                replace(recipe.train_config(seed), **loss),
-                "cpu",
-                hard_negative_text=torch.tensor(fs.hard_negative_text),
-                hard_negative_image=torch.tensor(fs.hard_negative_image),
-            )
+            plan.run(bundle, "cpu", images=images)
             seconds = time.monotonic() - started
             m = headline(evaluate_checkpoint(bundle, eval_set).metrics)
             rows.append({"arm": arm, "seed": seed, "train_images": len(fs.image_paths), "seconds": round(seconds), **m})

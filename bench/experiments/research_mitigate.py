@@ -64,7 +64,8 @@ from spur_assets.core.model.clip_model import (  # noqa: E402
     text_max_length,
 )
 from spur_assets.core.metrics.evaluation import EvalSet, build_eval_index, embed_eval_set, evaluate_checkpoint  # noqa: E402
-from spur_assets.core.counterfactuals.finetune_data import FinetuneSet, assemble_finetune_set  # noqa: E402
+from spur_assets.core.counterfactuals.finetune_data import FinetuneSet, assemble_finetune_set, originals_only  # noqa: E402
+from spur_assets.core.model.finetuning import TrainingPlan  # noqa: E402
 from spur_assets.core.model.recipes import SmallClipRecipe  # noqa: E402
 from spur_assets.core.records.lineage import LineageStore  # noqa: E402
 from spur_assets.core.model.training import (  # noqa: E402
@@ -74,7 +75,6 @@ from spur_assets.core.model.training import (  # noqa: E402
     warmup_cosine,
     epoch_batches,
     paired_epoch_batches,  # the research version of it, ported; HardLinks has the fields it reads
-    train_clip,
 )
 
 WORK = Path("/tmp/research4")
@@ -178,19 +178,11 @@ def train_val_base(train, out: Path, hold_out_validation: bool = True, **base_ov
     """
     c = SmallClipRecipe(**base_overrides)
     is_val = pl.col("image_id").is_in(sorted(validation_ids(train)) if hold_out_validation else [])
-    images_frame = train.images.filter(~is_val).sort("image_id")
-    fit_captions = train.captions.filter(~is_val)
-    row_of = {image_id: row for row, image_id in enumerate(images_frame["image_id"].to_list())}
-    images = load_images_uint8(images_frame["path"].to_list(), c.image_size, workers=1)
-    captions = fit_captions.sort("caption_id")
-    bundle = c.new_model(captions["caption"].to_list())
+    plan = TrainingPlan.from_scratch(originals_only(train.images.filter(~is_val), train.captions.filter(~is_val)), c)
+    images = load_images_uint8(plan.rows.image_paths, c.image_size, workers=1)
+    bundle = c.new_model(plan.rows.captions)
     started = time.monotonic()
-    train_clip(
-        bundle, images, captions["caption"].to_list(),
-        torch.tensor([row_of[i] for i in captions["image_id"].to_list()], dtype=torch.long),
-        c.train_config(),
-        "cpu",
-    )
+    plan.run(bundle, "cpu", images=images)
     seconds = time.monotonic() - started
     save_checkpoint(bundle, out)
     return seconds

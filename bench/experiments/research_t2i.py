@@ -5,7 +5,7 @@ bootstrap 95 % CI above 0 on the built-in test split, and R@5 (both directions) 
 control's by more than 0.01. The control is what the pipeline's `control_checkpoint` trains: the
 same base, recipe (lr, batch, warm-up, weight decay, captions per image) and seed, on the original
 train images only, for exactly as many optimizer steps as the candidate took (as many epochs as
-reach that, the schedule spanning those steps). It is trained with the core's `train_clip`, as
+reach that, the schedule spanning those steps). It is trained with the core's `TrainingPlan.control`, as
 the asset does; candidates are trained with bench/experiments/research_mitigate.py's variant loss (whose
 default arm reproduces the pipeline's loss).
 
@@ -55,9 +55,10 @@ from spur_assets.core.model.clip_model import (  # noqa: E402
     save_checkpoint,
 )
 from spur_assets.core.metrics.evaluation import EvalSet, build_eval_index, embed_eval_set, evaluate_checkpoint  # noqa: E402
-from spur_assets.core.counterfactuals.finetune_data import assemble_finetune_set  # noqa: E402
+from spur_assets.core.counterfactuals.finetune_data import assemble_finetune_set, originals_only  # noqa: E402
+from spur_assets.core.model.finetuning import TrainingPlan  # noqa: E402
 from spur_assets.core.model.recipes import BUILTIN_BASE_RECIPE  # noqa: E402
-from spur_assets.core.model.training import epoch_batches, optimizer_steps, paired_epoch_batches, train_clip  # noqa: E402
+from spur_assets.core.model.training import epoch_batches, paired_epoch_batches  # noqa: E402
 
 # Metrics whose per-query scores are kept and compared (names of evaluation's per_query).
 METRICS = ("odmap_t2i", "odmap_i2t", "recall_t2i_5", "recall_i2t_5", "hr")
@@ -110,22 +111,16 @@ def train_control(demo: rmit.Demo, v: rmit.Variant, steps: int, seed: int, out: 
     info = out / "control.json"
     if info.exists():
         return json.loads(info.read_text())
-    train = demo.train
-    captions = train.captions.sort("caption_id")
-    images_table = train.images.sort("image_id")
-    row_of = {image_id: row for row, image_id in enumerate(images_table["image_id"].to_list())}
-    caption_image = torch.tensor([row_of[i] for i in captions["image_id"].to_list()], dtype=torch.long)
     bundle = load_checkpoint(demo.base_path)
-    images = load_images_uint8(images_table["path"].to_list(), processor_image_size(bundle.image_processor), workers=1)
     recipe = BUILTIN_BASE_RECIPE.with_(lr=v.lr, batch_size=v.batch_size, warmup_steps=v.warmup_steps,
                                        captions_per_image=v.captions_per_image)
-    per_epoch = optimizer_steps(caption_image, len(images), replace(recipe, epochs=1, max_steps=None).train_config(seed))
-    config = recipe.with_(epochs=math.ceil(steps / per_epoch), max_steps=steps).train_config(seed)
+    plan = TrainingPlan.control(originals_only(demo.train.images, demo.train.captions), recipe, seed, steps)
+    images = load_images_uint8(plan.rows.image_paths, processor_image_size(bundle.image_processor), workers=1)
     started = time.monotonic()
-    train_clip(bundle, images, captions["caption"].to_list(), caption_image, config, "cpu")
+    plan.run(bundle, "cpu", images=images)
     seconds = time.monotonic() - started
     save_checkpoint(bundle, out)
-    row = {"steps": steps, "epochs": config.epochs, "per_epoch": per_epoch, "lr": v.lr, "seconds": round(seconds)}
+    row = {"steps": steps, "epochs": plan.config.epochs, "lr": v.lr, "seconds": round(seconds)}
     info.write_text(json.dumps(row))
     return row
 

@@ -10,6 +10,7 @@ partitions into the tables one run over all batches would write
 import json
 import os
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
@@ -30,6 +31,7 @@ from spur_assets.core.runtime.devices import resolve_device
 from spur_assets.core.counterfactuals.inpaint import InpainterSpec
 from spur_assets.core.counterfactuals.export import export_counterfactual_dataset
 from spur_assets.core.counterfactuals.train_counterfactuals import TrainCounterfactuals
+from spur_assets.core.data.batch_union import SplitTables
 from spur_assets.pipeline.ingest import ALL_BATCHES, batches, batches_split
 from spur_assets.pipeline.recording import recorded_materialization, upstream_refs
 from spur_assets.pipeline.resources import SpurSettings
@@ -81,22 +83,29 @@ def _flagged_or_fail(spurious_features: ArtifactRef, source: str) -> pl.DataFram
 
 
 def _recipe(config: BatchCounterfactualsConfig, settings: SpurSettings) -> CounterfactualRecipe:
+    """The recipe of ``config``, with its train draw counts when it has them (0 in the config = None, the default rule)."""
     device = str(resolve_device(settings.device)) if config.backend != "opencv" else "cpu"
     options = {"model_dir": config.diffusers_model_dir} if config.backend == "diffusers" else {}
+    counts = (
+        {"removal_per_pair": config.train_removal_per_pair or None, "paste_per_pair": config.train_paste_per_pair or None}
+        if isinstance(config, CounterfactualsConfig)
+        else {}
+    )
     return CounterfactualRecipe(
         InpainterSpec(config.backend, device, options),
         max_companion_fraction=config.max_companion_fraction,
         dilation_px=config.dilation_px,
         seed=config.seed,
+        **counts,
     )
 
 
-def _stacked(refs: list[ArtifactRef]) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
-    """images, captions, instances of these raw_pairs materializations, each batch with its own ids."""
-    return tuple(
+def _stacked(refs: list[ArtifactRef]) -> SplitTables:
+    """images, captions, instances of these raw_pairs materializations (all splits), each batch with its own ids."""
+    return SplitTables(*(
         pl.concat([r.read_table(name) for r in refs], how="vertical_relaxed")
         for name in ("raw_images", "raw_captions", "raw_instances")
-    )
+    ))
 
 
 # Table outputs of batch_counterfactuals -> (part attribute, field). Named apart from
@@ -182,14 +191,15 @@ def batch_counterfactuals(
     raw = raw_pairs[batch]
     pairs = _flagged_or_fail(spurious_features, config.pair_source)
     recipe = _recipe(config, settings)
-    images, captions, instances = _stacked([raw])
-    context.log.info(f"batch {batch!r}: {pairs.height} flagged pairs, {images.height} images, "
+    tables = _stacked([raw])
+    context.log.info(f"batch {batch!r}: {pairs.height} flagged pairs, {tables.images.height} images, "
                      f"backend {config.backend} on {recipe.inpainter.device}")
     inputs = upstream_refs(raw, spurious_features)
     with recorded_materialization(context, settings, config, inputs=inputs, device=recipe.inpainter.device) as session:
+        recipe = replace(recipe, workers=session.policy.pool_size(config.workers))
         part = build_batch_counterfactuals(
-            images, captions, instances, pairs.select("anchor", "companion"), session.writer.staging_dir, recipe,
-            source=raw.data_version, workers=session.policy.pool_size(config.workers), progress=context.log.info,
+            tables, pairs.select("anchor", "companion"), session.writer.staging_dir, recipe,
+            source=raw.data_version, progress=context.log.info,
         )
         _write_part(session.writer, part)
         session.writer.add_dir("eval_images", "eval", rows=part.eval.images.height)
@@ -249,20 +259,15 @@ def synthetic_counterfactuals(
         recorded_materialization(context, settings, config, inputs=inputs, device=recipe.inpainter.device) as session,
         tempfile.TemporaryDirectory(prefix=".rebuild-", dir=settings.home_path) as scratch,
     ):
+        recipe = replace(recipe, workers=session.policy.pool_size(config.workers))
         for batch in stale:
-            images, captions, instances = _stacked([raw_pairs[batch]])
             parts[batch] = build_batch_counterfactuals(
-                images, captions, instances, flagged, Path(scratch) / batch, recipe,
-                source=raw_pairs[batch].data_version, workers=session.policy.pool_size(config.workers),
-                progress=context.log.info,
+                _stacked([raw_pairs[batch]]), flagged, Path(scratch) / batch, recipe,
+                source=raw_pairs[batch].data_version, progress=context.log.info,
             )
-        images, captions, instances = _stacked([raw_pairs[b] for b in sorted(raw_pairs)])
         combined = combine_batch_counterfactuals(
-            [parts[b] for b in sorted(raw_pairs)], images, captions, instances, pairs.select("anchor", "companion"),
-            session.writer.staging_dir, recipe,
-            removal_per_pair=config.train_removal_per_pair or None,
-            paste_per_pair=config.train_paste_per_pair or None,
-            workers=session.policy.pool_size(config.workers), progress=context.log.info,
+            [parts[b] for b in sorted(raw_pairs)], _stacked([raw_pairs[b] for b in sorted(raw_pairs)]),
+            pairs.select("anchor", "companion"), session.writer.staging_dir, recipe, progress=context.log.info,
         )
         built, train_cf = combined.eval, combined.train
         session.writer.write_table("cf_train_images", session.writer.final_paths(train_cf.images))

@@ -1,23 +1,20 @@
 """`base_checkpoint` (the model under audit), `finetuned_checkpoint` and its originals-only `control_checkpoint`."""
 
 import json
-import math
 import shutil
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Literal, Optional
 
 import dagster as dg
 import polars as pl
-import torch
 
 from spur_assets.core.records.artifacts import ArtifactRef
 from spur_assets.core.model.clip_model import load_checkpoint, save_checkpoint
 from spur_assets.core.runtime.devices import resolve_device
-from spur_assets.core.counterfactuals.finetune_data import COUNTERFACTUAL_RATIO, assemble_finetune_set
+from spur_assets.core.counterfactuals.finetune_data import COUNTERFACTUAL_RATIO, assemble_finetune_set, originals_only
 from spur_assets.core.data.image_stream import DEFAULT_IN_MEMORY_MB, ImageFiles
 from spur_assets.core.metrics.plots import loss_curve
-from spur_assets.core.data.preprocessing import ImagePreprocessing
 from spur_assets.core.model import recipes
 from spur_assets.core.model.recipes import (
     BUILTIN_BASE_RECIPE,
@@ -27,8 +24,7 @@ from spur_assets.core.model.recipes import (
     SmallClipRecipe,
 )
 from spur_assets.core.runtime.threads import use_torch_threads
-from spur_assets.core.model.training import optimizer_steps, train_clip
-from spur_assets.core.model.training_job import TrainingJob
+from spur_assets.core.model.finetuning import TrainingPlan
 from spur_assets.pipeline.cluster import GPU_STEP_TAGS
 from spur_assets.pipeline.ingest import ALL_BATCHES, batches_split
 from spur_assets.pipeline.pipes import train_with_torchrun
@@ -158,23 +154,15 @@ def base_checkpoint(
             source = settings.base_model
         else:
             train = batches_split(raw_pairs, "train")
-            captions = train.captions.sort("caption_id")
             recipe = SmallClipRecipe.of(config)
-            bundle = recipe.new_model(captions["caption"].to_list())
-            images = ImageFiles.of(train.images["path"].to_list(), ImagePreprocessing.of(bundle.image_processor))
+            plan = TrainingPlan.from_scratch(originals_only(train.images, train.captions), recipe)
+            bundle = recipe.new_model(plan.rows.captions)
+            images = plan.images(bundle)
             workers = _training_workers(session, images, config.in_memory_mb, config.workers)
             context.log.info(f"training on {len(images)} train images, {_image_path_note(images, config.in_memory_mb, workers)}")
-            history = train_clip(
-                bundle,
-                images,
-                captions["caption"].to_list(),
-                torch.tensor(captions["image_id"].to_list(), dtype=torch.long),
-                recipe.train_config(),
-                device,
-                checkpoint_dir=resume_dir,
-                progress=_log_progress(context),
-                workers=workers,
-                in_memory_mb=config.in_memory_mb,
+            history = plan.run(
+                bundle, device, images=images, checkpoint_dir=resume_dir, progress=_log_progress(context),
+                workers=workers, in_memory_mb=config.in_memory_mb,
             )
             source = f"small CLIP trained from scratch on {len(images)} images"
         write_checkpoint_outputs(session, bundle, history, "base_checkpoint")
@@ -298,41 +286,27 @@ def finetuned_checkpoint(
     resume_dir = settings.home_path / "work" / "finetuned_checkpoint" / resume_key
     with recorded_materialization(context, settings, config, inputs=inputs, device=str(device)) as session:
         bundle = load_checkpoint(base_checkpoint.path("checkpoint"), device="cpu")
+        plan = TrainingPlan.finetune(finetune_set, recipe, config.seed, config.hard_negative_weight, config.paired_batches)
         # Streamed from the files, prepared exactly as the base checkpoint's own image processor does.
-        images = ImageFiles.of(finetune_set.image_paths, ImagePreprocessing.of(bundle.image_processor))
-        train_config = recipe.train_config(config.seed, config.hard_negative_weight, config.paired_batches)
-        caption_image = torch.tensor(finetune_set.caption_image, dtype=torch.long)
-        hard_negative_text = torch.tensor(finetune_set.hard_negative_text, dtype=torch.long)
-        hard_negative_image = torch.tensor(finetune_set.hard_negative_image, dtype=torch.long)
-        steps = optimizer_steps(caption_image, len(images), train_config, hard_negative_text, hard_negative_image)
+        images = plan.images(bundle)
+        steps = plan.steps
         # What control_checkpoint repeats on originals only: the same recipe, seed and number of steps.
         write_training_plan(session, recipe, config.seed, steps)
         parallel_metadata: dict = {}
         if config.nproc_per_node == 1:
             workers = _training_workers(session, images, config.in_memory_mb, config.workers)
             context.log.info(f"fine-tuning on {len(images)} images, {_image_path_note(images, config.in_memory_mb, workers)}")
-            history = train_clip(
-                bundle,
-                images,
-                finetune_set.captions,
-                caption_image,
-                train_config,
-                device,
-                hard_negative_text=hard_negative_text,
-                hard_negative_image=hard_negative_image,
-                checkpoint_dir=resume_dir,
-                progress=_log_progress(context),
-                workers=workers,
-                in_memory_mb=config.in_memory_mb,
+            history = plan.run(
+                bundle, device, images=images, checkpoint_dir=resume_dir, progress=_log_progress(context),
+                workers=workers, in_memory_mb=config.in_memory_mb,
             )
             write_checkpoint_outputs(session, bundle, history, "finetuned_checkpoint")
         else:
             # Same training, on nproc_per_node torchrun ranks; rank 0 saves into the staging folder.
             # The ranks share the step's threads (torchrun passes OMP_NUM_THREADS on to each).
             use_torch_threads(max(1, session.policy.total // config.nproc_per_node))
-            job = TrainingJob(
-                images, finetune_set.captions, caption_image, hard_negative_text, hard_negative_image, train_config,
-                base_checkpoint=base_checkpoint.path("checkpoint"), output_checkpoint=session.writer.path("checkpoint"),
+            job = plan.job(
+                images, base_checkpoint.path("checkpoint"), session.writer.path("checkpoint"),
                 resume_dir=resume_dir, device=settings.device, dist_backend=config.dist_backend,
                 loader_workers=config.workers,
             )
@@ -429,28 +403,21 @@ def control_checkpoint(
             history, bundle = [], None
         else:
             train = batches_split(raw_pairs, "train")
-            captions = train.captions.sort("caption_id")
-            images_table = train.images.sort("image_id")
-            row_of = {image_id: row for row, image_id in enumerate(images_table["image_id"].to_list())}
-            caption_image = torch.tensor([row_of[i] for i in captions["image_id"].to_list()], dtype=torch.long)
+            plan = TrainingPlan.control(originals_only(train.images, train.captions), recipe, seed, steps)
             bundle = load_checkpoint(base_checkpoint.path("checkpoint"), device="cpu")
-            images = ImageFiles.of(images_table["path"].to_list(), ImagePreprocessing.of(bundle.image_processor))
-            # Same recipe and schedule; as many epochs over the originals as reach the fine-tune's steps.
-            per_epoch = optimizer_steps(caption_image, len(images), replace(recipe, epochs=1, max_steps=None).train_config(seed))
-            train_config = recipe.with_(epochs=math.ceil(steps / per_epoch), max_steps=steps).train_config(seed)
+            images = plan.images(bundle)
             workers = _training_workers(session, images, config.in_memory_mb, config.workers)
             context.log.info(
-                f"control: {len(images)} original images, {len(captions)} captions, {steps} optimizer steps "
-                f"({train_config.epochs} epoch(s) of {per_epoch}) as finetuned_checkpoint ran; "
+                f"control: {len(images)} original images, {len(plan.rows.captions)} captions, {steps} optimizer "
+                f"steps ({plan.config.epochs} epoch(s)) as finetuned_checkpoint ran; "
                 f"{_image_path_note(images, config.in_memory_mb, workers)}"
             )
-            history = train_clip(
-                bundle, images, captions["caption"].to_list(), caption_image, train_config, device,
-                checkpoint_dir=resume_dir, progress=_log_progress(context), workers=workers,
-                in_memory_mb=config.in_memory_mb,
+            history = plan.run(
+                bundle, device, images=images, checkpoint_dir=resume_dir, progress=_log_progress(context),
+                workers=workers, in_memory_mb=config.in_memory_mb,
             )
             write_checkpoint_outputs(session, bundle, history, "control_checkpoint")
-            write_training_plan(session, recipe.with_(epochs=train_config.epochs, max_steps=steps), seed, steps)
+            write_training_plan(session, plan.recipe, seed, steps)
             return_metadata = {"enabled": True, "optimizer_steps": steps, "training_images": len(images)}
     shutil.rmtree(resume_dir, ignore_errors=True)
     metadata = dict(return_metadata)

@@ -2,7 +2,7 @@
 
 Most of the image work of ``synthetic_counterfactuals`` looks at one image at a
 time: the eval removal and control images of a test image and its edited
-captions (``counterfactuals.build_eval_counterfactuals``), and the train removal
+captions (``eval_set.build_eval_counterfactuals``), and the train removal
 edits of a train image (``train_counterfactuals.build_train_removal_candidates``).
 Every choice in them is drawn from generators seeded by (seed, batch, image id,
 pair), where the image id is the one the batch itself gives (COCO's); so one
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import polars as pl
 
-from spur_assets.core.data.batch_union import union_split
+from spur_assets.core.data.batch_union import SplitTables, union_split
 from spur_assets.core.counterfactuals.eval_set import (
     CF_CAPTIONS_SCHEMA,
     CF_IMAGES_SCHEMA,
@@ -41,7 +41,7 @@ from spur_assets.core.counterfactuals.eval_set import (
     link_or_copy,
     pair_name,
 )
-from spur_assets.core.counterfactuals.inpaint import InpainterSpec
+from spur_assets.core.counterfactuals.recipe import CounterfactualRecipe  # re-exported: callers import it from here too
 from spur_assets.core.counterfactuals.train_counterfactuals import (
     TrainCounterfactuals,
     build_train_counterfactuals,
@@ -51,31 +51,6 @@ from spur_assets.core.counterfactuals.train_counterfactuals import (
 
 EVAL_DIR = "eval"
 TRAIN_DIR = "train"
-
-
-@dataclass(frozen=True)
-class CounterfactualRecipe:
-    """Everything besides the data that decides a counterfactual's pixels and rows.
-
-    Two batch results with equal ``fingerprint()`` are interchangeable; the
-    inpainter's device is left out of it (the backends give the same bytes on
-    any device, up to the device's float rounding).
-    """
-
-    inpainter: InpainterSpec
-    max_companion_fraction: float = 0.25
-    dilation_px: int = 2
-    seed: int = 0
-
-    def fingerprint(self) -> dict:
-        """The recipe as JSON-able values, without the device."""
-        return {
-            "backend": self.inpainter.backend,
-            "options": dict(sorted(self.inpainter.options.items())),
-            "max_companion_fraction": self.max_companion_fraction,
-            "dilation_px": self.dilation_px,
-            "seed": self.seed,
-        }
 
 
 @dataclass
@@ -115,73 +90,50 @@ def _single_batch(images: pl.DataFrame) -> str:
 
 
 def build_batch_counterfactuals(
-    images: pl.DataFrame,
-    captions: pl.DataFrame,
-    instances: pl.DataFrame,
+    tables: SplitTables,
     pairs: pl.DataFrame,
     out_dir: Path,
     recipe: CounterfactualRecipe,
     source: str = "",
-    workers: int = 1,
     progress: Callable[[str], None] | None = None,
 ) -> BatchCounterfactuals:
     """The eval counterfactuals and train removal candidates of one batch's raw tables; PNGs under ``out_dir``.
 
-    ``images``/``captions``/``instances`` are one batch's ingested tables (all
-    splits, the batch's own ids); ``pairs`` the flagged (anchor, companion)
-    pairs, both directions of a mutual pair included when either may be kept.
-    Writes ``out_dir/eval`` (``build_eval_counterfactuals``) and
-    ``out_dir/train`` (``build_train_removal_candidates``). ValueError when the
-    tables hold more than one batch.
+    ``tables`` are one batch's ingested tables (all splits, the batch's own
+    ids); ``pairs`` the flagged (anchor, companion) pairs, both directions of a
+    mutual pair included when either may be kept; ``source`` names the version
+    of the tables (stored in the result). Writes ``out_dir/eval``
+    (``build_eval_counterfactuals``) and ``out_dir/train``
+    (``build_train_removal_candidates``; the recipe's train draw counts apply
+    only when parts are combined). ValueError when the tables hold more than
+    one batch.
     """
-    batch = _single_batch(images)
+    batch = _single_batch(tables.images)
     out_dir = Path(out_dir)
-    eval_set = build_eval_counterfactuals(
-        images, captions, instances, pairs, out_dir / EVAL_DIR, recipe.inpainter,
-        max_companion_fraction=recipe.max_companion_fraction, dilation_px=recipe.dilation_px, seed=recipe.seed,
-        workers=workers, progress=progress,
-    )
-    removals = build_train_removal_candidates(
-        images, captions, instances, pairs, out_dir / TRAIN_DIR, recipe.inpainter,
-        max_companion_fraction=recipe.max_companion_fraction, dilation_px=recipe.dilation_px,
-        workers=workers, progress=progress,
-    )
+    eval_set = build_eval_counterfactuals(tables, pairs, out_dir / EVAL_DIR, recipe, progress)
+    removals = build_train_removal_candidates(tables, pairs, out_dir / TRAIN_DIR, recipe, progress)
     covered = pairs.select("anchor", "companion").unique(maintain_order=True)
     return BatchCounterfactuals(batch, source, recipe.fingerprint(), covered, eval_set, removals)
 
 
 def build_synthetic_counterfactuals(
-    images: pl.DataFrame,
-    captions: pl.DataFrame,
-    instances: pl.DataFrame,
+    tables: SplitTables,
     pairs: pl.DataFrame,
     out_dir: Path,
     recipe: CounterfactualRecipe,
-    removal_per_pair: int | None = None,
-    paste_per_pair: int | None = None,
-    workers: int = 1,
     progress: Callable[[str], None] | None = None,
 ) -> SyntheticCounterfactuals:
     """The eval and train counterfactuals of all batches in one run (the reference the combination must equal).
 
-    ``images``/``captions``/``instances`` are every batch's raw tables stacked
-    (each batch with its own ids; rows are keyed by (batch, id)); ``pairs`` the
-    pairs to make, in order (oriented already). Writes ``out_dir/eval`` and
-    ``out_dir/train``. Ids in the result are ``union_split``'s global ids.
+    ``tables`` are every batch's raw tables stacked (each batch with its own
+    ids; rows are keyed by (batch, id)); ``pairs`` the pairs to make, in order
+    (oriented already). Writes ``out_dir/eval`` and ``out_dir/train``. Ids in
+    the result are ``union_split``'s global ids.
     """
     out_dir = Path(out_dir)
-    eval_set = build_eval_counterfactuals(
-        images, captions, instances, pairs, out_dir / EVAL_DIR, recipe.inpainter,
-        max_companion_fraction=recipe.max_companion_fraction, dilation_px=recipe.dilation_px, seed=recipe.seed,
-        workers=workers, progress=progress,
-    )
-    train = build_train_counterfactuals(
-        images, captions, instances, pairs, out_dir / TRAIN_DIR, recipe.inpainter,
-        removal_per_pair=removal_per_pair, paste_per_pair=paste_per_pair,
-        max_companion_fraction=recipe.max_companion_fraction, dilation_px=recipe.dilation_px, seed=recipe.seed,
-        workers=workers, progress=progress,
-    )
-    return with_global_ids(SyntheticCounterfactuals(eval_set, train), images, captions, instances)
+    eval_set = build_eval_counterfactuals(tables, pairs, out_dir / EVAL_DIR, recipe, progress)
+    train = build_train_counterfactuals(tables, pairs, out_dir / TRAIN_DIR, recipe, progress)
+    return with_global_ids(SyntheticCounterfactuals(eval_set, train), tables)
 
 
 def stale_batches(
@@ -216,28 +168,23 @@ def stale_batches(
 
 def combine_batch_counterfactuals(
     parts: Sequence[BatchCounterfactuals],
-    images: pl.DataFrame,
-    captions: pl.DataFrame,
-    instances: pl.DataFrame,
+    tables: SplitTables,
     pairs: pl.DataFrame,
     out_dir: Path,
     recipe: CounterfactualRecipe,
-    removal_per_pair: int | None = None,
-    paste_per_pair: int | None = None,
-    workers: int = 1,
     progress: Callable[[str], None] | None = None,
 ) -> SyntheticCounterfactuals:
     """What ``build_synthetic_counterfactuals`` makes of these arguments, from one ``BatchCounterfactuals`` per batch.
 
-    ``parts`` must hold exactly one part per batch of ``images``, each made
-    with ``recipe`` and covering every pair of ``pairs`` (``stale_batches``
-    says which to rebuild); ValueError otherwise. Eval rows are taken per pair
-    (in ``pairs`` order), then per batch, and renumbered; train removal edits
-    are drawn from the parts' candidates and the paste edits made here
-    (``complete_train_counterfactuals``). Part PNGs are hard-linked into
-    ``out_dir/eval`` and ``out_dir/train``.
+    ``parts`` must hold exactly one part per batch of ``tables``, each made
+    with ``recipe`` (same ``fingerprint()``) and covering every pair of
+    ``pairs`` (``stale_batches`` says which to rebuild); ValueError otherwise.
+    Eval rows are taken per pair (in ``pairs`` order), then per batch, and
+    renumbered; train removal edits are drawn from the parts' candidates and
+    the paste edits made here (``complete_train_counterfactuals``). Part PNGs
+    are hard-linked into ``out_dir/eval`` and ``out_dir/train``.
     """
-    batches = sorted(images["batch"].unique().to_list())
+    batches = sorted(tables.images["batch"].unique().to_list())
     by_batch = {part.batch: part for part in parts}
     if len(by_batch) != len(parts) or sorted(by_batch) != batches:
         raise ValueError(
@@ -255,12 +202,9 @@ def combine_batch_counterfactuals(
     out_dir = Path(out_dir)
     eval_set = combine_eval_sets([p.eval for p in ordered], pairs, out_dir / EVAL_DIR)
     train = complete_train_counterfactuals(
-        [p.train_removals for p in ordered], images, captions, instances, pairs, out_dir / TRAIN_DIR,
-        recipe.inpainter, removal_per_pair=removal_per_pair, paste_per_pair=paste_per_pair,
-        max_companion_fraction=recipe.max_companion_fraction, dilation_px=recipe.dilation_px, seed=recipe.seed,
-        workers=workers, progress=progress,
+        [p.train_removals for p in ordered], tables, pairs, out_dir / TRAIN_DIR, recipe, progress
     )
-    return with_global_ids(SyntheticCounterfactuals(eval_set, train), images, captions, instances)
+    return with_global_ids(SyntheticCounterfactuals(eval_set, train), tables)
 
 
 def combine_eval_sets(parts: Sequence[EvalCounterfactuals], pairs: pl.DataFrame, out_dir: Path) -> EvalCounterfactuals:
@@ -304,9 +248,9 @@ def combine_eval_sets(parts: Sequence[EvalCounterfactuals], pairs: pl.DataFrame,
 # --------------------------------------------------------------------------- global ids
 
 
-def _id_maps(images: pl.DataFrame, captions: pl.DataFrame, instances: pl.DataFrame, split: str) -> dict[str, pl.DataFrame]:
+def _id_maps(raw: SplitTables, split: str) -> dict[str, pl.DataFrame]:
     """(batch, source id) -> global id of images, captions and annotations of one split, as ``union_split`` numbers them."""
-    tables = union_split([images], [captions], [instances], split)
+    tables = union_split([raw.images], [raw.captions], [raw.instances], split)
     return {
         "image": tables.images.select("batch", pl.col("source_image_id").alias("source"), pl.col("image_id").alias("target")),
         "caption": tables.captions.select(
@@ -336,17 +280,17 @@ def _to_global(frame: pl.DataFrame, column: str, batch_column: str, mapping: pl.
     return joined.with_columns(pl.col("_global_id").cast(pl.Int64).alias(column)).drop("_global_id")
 
 
-def with_global_ids(
-    result: SyntheticCounterfactuals, images: pl.DataFrame, captions: pl.DataFrame, instances: pl.DataFrame
-) -> SyntheticCounterfactuals:
+def with_global_ids(result: SyntheticCounterfactuals, tables: SplitTables) -> SyntheticCounterfactuals:
     """``result`` (ids as each batch has them) with ``union_split``'s global ids, the ids downstream joins on.
+
+    ``tables`` are the raw tables of every batch ``result`` was made from (all splits, each batch's own ids).
 
     Eval ids map through the test split, train ids through the train split:
     ``source_image_id``, ``source_caption_id``, ``donor_image_id``,
     ``donor_annotation_id`` and the objects' ``source_annotation_id`` (a pasted
     object's through its donor's batch). Counterfactual ids stay as they are.
     """
-    test, train = _id_maps(images, captions, instances, "test"), _id_maps(images, captions, instances, "train")
+    test, train = _id_maps(tables, "test"), _id_maps(tables, "train")
     ev, tr = result.eval, result.train
     eval_images = _to_global(ev.images, "source_image_id", "batch", test["image"], "cf_eval_images")
     eval_captions = _to_global(

@@ -34,13 +34,16 @@ import numpy as np
 import polars as pl
 from PIL import Image
 
+from spur_assets.core.data.batch_union import SplitTables
 from spur_assets.core.data.errors import require_columns
 from spur_assets.core.data import vocabulary
 from spur_assets.core.data.coco_ingest import decode_instance_mask
 from spur_assets.core.counterfactuals.inpaint import Inpainter, InpainterSpec, spec_of
+from spur_assets.core.counterfactuals.recipe import CounterfactualRecipe
 from spur_assets.core.runtime.pools import process_pool
 
 EVAL_SPLIT = "test"
+TASKS_PER_CHUNK = 4  # (pair, image) tasks per inpainting chunk when the recipe leaves it to the builder
 
 CF_IMAGES_SCHEMA = pl.Schema(
     {
@@ -708,49 +711,38 @@ def _plan_tasks(
 
 
 def build_eval_counterfactuals(
-    images: pl.DataFrame,
-    captions: pl.DataFrame,
-    instances: pl.DataFrame,
+    tables: SplitTables,
     pairs: pl.DataFrame,
     out_dir: Path,
-    inpainter: Inpainter | InpainterSpec,
-    max_companion_fraction: float = 0.25,
-    dilation_px: int = 2,
-    seed: int = 0,
-    workers: int = 1,
+    recipe: CounterfactualRecipe,
     progress: Callable[[str], None] | None = None,
-    tasks_per_chunk: int = 4,
 ) -> EvalCounterfactuals:
     """Build the counterfactual eval set of the test split (docs/definitions.md); PNGs go under ``out_dir``.
 
-    Inputs are the ingested images/captions/instances tables (only ``split ==
-    "test"`` rows are used) and a frame of flagged pairs (``anchor``,
-    ``companion``). For each pair and each test image with instances of both:
-    skip it when the companion's union mask covers more than
-    ``max_companion_fraction`` of the image or no control region fits; else write
-    ``<pair>/<batch>_<image_id>_{removal,control}[_mask].png`` and edit the
-    captions that mention the companion. Ids: cf_image_id counts removal then
-    control per kept (pair, image) in order (pairs as given, then batch,
-    image_id); cf_caption_id counts the edited captions in the same order;
-    ``skipped`` lists skipped (pair, image) rows in that order too. The control
-    placement of a (pair, image) draws from (seed, batch, image_id, pair), so a
-    batch built alone gives the same images as inside several batches.
-    Output is identical for a seed whatever ``workers``: (pair, image) tasks go
-    to the inpainter in fixed chunks of ``tasks_per_chunk`` (2 images each), and
-    ``workers > 1`` spreads those chunks over a spawned process pool, each worker
-    rebuilding the inpainter from its ``InpainterSpec`` (see ``inpaint.spec_of``).
-    A GPU backend wants ``workers=1``: one process owns the device and batches.
-    Caption edits run in the calling process, so categories added with
-    ``vocabulary.register_categories`` apply.
+    ``tables`` are the ingested images/captions/instances tables of one or
+    several batches (only ``split == "test"`` rows are used; rows are keyed by
+    (batch, id)); ``pairs`` a frame of flagged pairs (``anchor``,
+    ``companion``); ``recipe`` says how (see ``CounterfactualRecipe``; the
+    train draw counts are not used). For each pair and each test image with
+    instances of both: skip it when the companion's union mask covers more
+    than ``max_companion_fraction`` of the image or no control region fits;
+    else write ``<pair>/<batch>_<image_id>_{removal,control}[_mask].png`` and
+    edit the captions that mention the companion. Ids: cf_image_id counts
+    removal then control per kept (pair, image) in order (pairs as given, then
+    batch, image_id); cf_caption_id counts the edited captions in the same
+    order; ``skipped`` lists skipped (pair, image) rows in that order too. The
+    control placement of a (pair, image) draws from (seed, batch, image_id,
+    pair), so a batch built alone gives the same images as inside several
+    batches. (pair, image) tasks go to the inpainter in fixed chunks
+    (``tasks_per_chunk``, default 4, of 2 images each), so output is identical
+    for a seed whatever ``workers``. Caption edits run in the calling process,
+    so categories added with ``vocabulary.register_categories`` apply.
     """
+    images, captions, instances = tables.images, tables.captions, tables.instances
     _check_columns(images, "images", ("batch", "split", "image_id", "path", "width", "height"))
     _check_columns(captions, "captions", ("batch", "split", "caption_id", "image_id", "caption"))
     _check_columns(instances, "instances", ("batch", "split", "annotation_id", "image_id", "category", "rle_counts"))
     _check_columns(pairs, "pairs", ("anchor", "companion"))
-    if not 0.0 < max_companion_fraction <= 1.0:
-        raise ValueError(f"max_companion_fraction must be in (0, 1], got {max_companion_fraction}")
-    if workers < 1 or tasks_per_chunk < 1:
-        raise ValueError(f"workers and tasks_per_chunk must be >= 1, got {workers} and {tasks_per_chunk}")
     report = progress or (lambda message: None)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)  # exists even when nothing qualifies, for callers that register it
@@ -760,12 +752,16 @@ def build_eval_counterfactuals(
 
     tasks, skipped_rows = _plan_tasks(test_images, test_instances, pairs, out_dir)
     # Fixed chunks, whatever the worker count: a batched backend then sees the same batches.
-    chunks = [tasks[i : i + tasks_per_chunk] for i in range(0, len(tasks), tasks_per_chunk)]
+    per_chunk = recipe.chunk_size(TASKS_PER_CHUNK)
+    chunks = [tasks[i : i + per_chunk] for i in range(0, len(tasks), per_chunk)]
     report(f"counterfactuals: {len(tasks)} (pair, test image) candidates in {len(chunks)} chunks")
     render = functools.partial(
-        _render_chunk, max_companion_fraction=max_companion_fraction, dilation_px=dilation_px, seed=seed
+        _render_chunk, max_companion_fraction=recipe.max_companion_fraction, dilation_px=recipe.dilation_px,
+        seed=recipe.seed,
     )
-    rendered: list[_Rendered] = run_inpainting_chunks(render, chunks, inpainter, workers, report, "counterfactuals")
+    rendered: list[_Rendered] = run_inpainting_chunks(
+        render, chunks, recipe.inpainter, recipe.workers, report, "counterfactuals"
+    )
 
     captions_by_image: dict[tuple[str, int], list[tuple[int, str]]] = {}
     for row in test_captions.sort("batch", "image_id", "caption_id").iter_rows(named=True):

@@ -114,3 +114,34 @@ def assemble_finetune_set(
         "counterfactual_share": cf.height / max(1, len(image_paths)),
     }
     return FinetuneSet(image_paths, captions, caption_image, hard_text, hard_image, summary)
+
+
+def originals_only(train_images: pl.DataFrame, train_captions: pl.DataFrame) -> FinetuneSet:
+    """Every original image (by image_id) and caption (by caption_id), no counterfactual, no hard negative.
+
+    The rows of a base trained from scratch and of the control arm, which trains like the
+    fine-tune on the originals alone.
+    """
+    images = train_images.sort("image_id")
+    captions = train_captions.sort("caption_id")
+    row_of = {image_id: row for row, image_id in enumerate(images["image_id"].to_list())}
+    missing = sorted(set(captions["image_id"].to_list()) - set(row_of))
+    if missing:
+        raise ValueError(f"captions describe image_id(s) {missing[:5]} that are not among the train images")
+    caption_image = np.array([row_of[i] for i in captions["image_id"].to_list()], dtype=np.int64)
+    summary = {
+        "original_images": images.height,
+        "original_captions": captions.height,
+        "counterfactual_images": 0,
+        "counterfactual_captions": 0,
+        "hard_negative_links": 0,
+        "counterfactual_share": 0.0,
+    }
+    return FinetuneSet(
+        images["path"].to_list(),
+        captions["caption"].to_list(),
+        caption_image,
+        np.full(images.height, -1, dtype=np.int64),
+        np.full(captions.height, -1, dtype=np.int64),
+        summary,
+    )

@@ -33,7 +33,7 @@ import functools
 import math
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import cv2
@@ -41,6 +41,7 @@ import numpy as np
 import polars as pl
 from pycocotools import mask as coco_mask
 
+from spur_assets.core.data.batch_union import SplitTables
 from spur_assets.core.data.errors import require_columns
 from spur_assets.core.data import vocabulary
 from spur_assets.core.counterfactuals.cooccurrence import pair_statistics
@@ -57,9 +58,11 @@ from spur_assets.core.counterfactuals.eval_set import (
     run_inpainting_chunks,
     save_png,
 )
-from spur_assets.core.counterfactuals.inpaint import Inpainter, InpainterSpec
+from spur_assets.core.counterfactuals.inpaint import Inpainter
+from spur_assets.core.counterfactuals.recipe import CounterfactualRecipe
 
 TRAIN_SPLIT = "train"
+TASKS_PER_CHUNK = 8  # images per inpainting chunk when the recipe leaves it to the builder
 REMOVAL = "removal"
 PASTE = "paste"
 REMOVAL_EDIT = "removal_edit"
@@ -566,12 +569,11 @@ def _add_removal(plan: _Plan, split: _TrainSplit, anchor: str, companion: str, p
 
 
 def _plan_removals(
-    split: _TrainSplit, plan: _Plan, anchor: str, companion: str, pair_dir: Path,
-    removal_per_pair: int | None, max_companion_fraction: float, dilation_px: int, seed: int,
+    split: _TrainSplit, plan: _Plan, anchor: str, companion: str, pair_dir: Path, recipe: CounterfactualRecipe
 ) -> tuple[int, int]:
     """Plan the removal images of one pair; returns (planned, eligible)."""
-    eligible = _eligible_removals(split, plan, anchor, companion, max_companion_fraction, dilation_px)
-    chosen = chosen_removals(len(eligible), removal_per_pair, seed, pair_name(anchor, companion))
+    eligible = _eligible_removals(split, plan, anchor, companion, recipe.max_companion_fraction, recipe.dilation_px)
+    chosen = chosen_removals(len(eligible), recipe.removal_per_pair, recipe.seed, pair_name(anchor, companion))
     for i in chosen:
         _add_removal(plan, split, anchor, companion, pair_dir, eligible[i])
     return len(chosen), len(eligible)
@@ -661,26 +663,19 @@ def _plan_pastes(
 
 
 def build_train_counterfactuals(
-    images: pl.DataFrame,
-    captions: pl.DataFrame,
-    instances: pl.DataFrame,
+    tables: SplitTables,
     pairs: pl.DataFrame,
     out_dir: Path,
-    inpainter: Inpainter | InpainterSpec,
-    removal_per_pair: int | None = None,
-    paste_per_pair: int | None = None,
-    max_companion_fraction: float = 0.25,
-    dilation_px: int = 2,
-    seed: int = 0,
-    workers: int = 1,
+    recipe: CounterfactualRecipe,
     progress: Callable[[str], None] | None = None,
-    tasks_per_chunk: int = 8,
 ) -> TrainCounterfactuals:
     """Build removal and paste counterfactuals of the train split (docs/definitions.md); PNGs under ``out_dir``.
 
-    Inputs: the ingested images/captions/instances tables (only ``split ==
-    "train"`` rows are used; images are keyed by (batch, image_id)) and a frame
-    of pairs (``anchor``, ``companion``; duplicates ignored).
+    ``tables`` are the ingested images/captions/instances tables of one or
+    several batches (only ``split == "train"`` rows are used; images are keyed
+    by (batch, image_id)); ``pairs`` a frame of pairs (``anchor``,
+    ``companion``; duplicates ignored); ``recipe`` says how and how many (see
+    ``CounterfactualRecipe``).
 
     Removal, per pair: the train images with instances of both a and b whose b
     union mask covers at most ``max_companion_fraction`` and that keep at least one
@@ -701,7 +696,7 @@ def build_train_counterfactuals(
     pair's P(b), so with several pairs the joint lift in ``lift`` stays above 1
     (on the built-in data, whose three anchors leave few clean targets, it falls
     from about 4.7 to about 2). On COCO, where P(b) is small, the rule can ask for
-    thousands of pastes per pair; pass a number to bound it.
+    thousands of pastes per pair; set a number to bound it.
 
     Ids: cf_image_id counts images in order (pairs as given; per pair removals,
     then pastes; each in (batch, image_id) / draw order); cf_caption_id counts
@@ -712,10 +707,7 @@ def build_train_counterfactuals(
     originals + all counterfactual images (their ``objects``), by
     ``cooccurrence.pair_statistics`` on instances.
     """
-    train = _TrainInputs.prepare(
-        images, captions, instances, pairs, max_companion_fraction, dilation_px, workers, tasks_per_chunk,
-        removal_per_pair, paste_per_pair,
-    )
+    train = _TrainInputs.prepare(tables, pairs)
     report = progress or (lambda message: None)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -723,57 +715,41 @@ def build_train_counterfactuals(
     paste_counts: dict[str, int] = {}
     for anchor, companion in train.pair_list:
         pair_dir = out_dir / path_slug(pair_name(anchor, companion))
-        removals, eligible = _plan_removals(
-            train.split, plan, anchor, companion, pair_dir, removal_per_pair, max_companion_fraction, dilation_px, seed
-        )
+        removals, eligible = _plan_removals(train.split, plan, anchor, companion, pair_dir, recipe)
         paste_counts[pair_name(anchor, companion)] = _plan_pair_pastes(
-            train, plan, anchor, companion, pair_dir, removals, eligible, paste_per_pair,
-            max_companion_fraction, dilation_px, seed, report,
+            train, plan, anchor, companion, pair_dir, removals, eligible, recipe, report
         )
-    return _render_and_finish(
-        train, plan, pairs, inpainter, paste_counts, removal_per_pair, paste_per_pair,
-        max_companion_fraction, dilation_px, seed, workers, tasks_per_chunk, report,
-    )
+    return _render_and_finish(train, plan, pairs, recipe, paste_counts, report)
 
 
 def build_train_removal_candidates(
-    images: pl.DataFrame,
-    captions: pl.DataFrame,
-    instances: pl.DataFrame,
+    tables: SplitTables,
     pairs: pl.DataFrame,
     out_dir: Path,
-    inpainter: Inpainter | InpainterSpec,
-    max_companion_fraction: float = 0.25,
-    dilation_px: int = 2,
-    workers: int = 1,
+    recipe: CounterfactualRecipe,
     progress: Callable[[str], None] | None = None,
-    tasks_per_chunk: int = 8,
 ) -> TrainCounterfactuals:
     """Every removal edit ``build_train_counterfactuals`` could choose, rendered; no draw, no pastes.
 
     Rows, PNG names and skipped rows are those of ``build_train_counterfactuals``
     with ``removal_per_pair=None, paste_per_pair=0`` on the same tables (``lift``
-    is empty). Eligibility is decided image by image, so the candidates of
-    several batches, built one batch at a time, are the candidates of all of
-    them together: ``complete_train_counterfactuals`` draws from them.
+    is empty); the recipe's seed and draw counts are not used. Eligibility is
+    decided image by image, so the candidates of several batches, built one
+    batch at a time, are the candidates of all of them together:
+    ``complete_train_counterfactuals`` draws from them.
     """
-    train = _TrainInputs.prepare(
-        images, captions, instances, pairs, max_companion_fraction, dilation_px, workers, tasks_per_chunk, None, None
-    )
+    recipe = replace(recipe, seed=0, removal_per_pair=None, paste_per_pair=0)
+    train = _TrainInputs.prepare(tables, pairs)
     report = progress or (lambda message: None)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plan = _Plan()
     for anchor, companion in train.pair_list:
         removals, _ = _plan_removals(
-            train.split, plan, anchor, companion, out_dir / path_slug(pair_name(anchor, companion)),
-            None, max_companion_fraction, dilation_px, 0,
+            train.split, plan, anchor, companion, out_dir / path_slug(pair_name(anchor, companion)), recipe
         )
         report(f"train removal candidates {pair_name(anchor, companion)}: {removals}")
-    finished = _render_and_finish(
-        train, plan, pairs, inpainter, {}, None, 0, max_companion_fraction, dilation_px, 0, workers, tasks_per_chunk,
-        report, lift=False,
-    )
+    finished = _render_and_finish(train, plan, pairs, recipe, {}, report, lift=False)
     finished.settings = {k: v for k, v in finished.settings.items() if k in ("inpainting_backend", "dilation_px",
                                                                          "max_companion_fraction")}
     return finished
@@ -781,26 +757,17 @@ def build_train_removal_candidates(
 
 def complete_train_counterfactuals(
     candidates: Sequence[TrainCounterfactuals],
-    images: pl.DataFrame,
-    captions: pl.DataFrame,
-    instances: pl.DataFrame,
+    tables: SplitTables,
     pairs: pl.DataFrame,
     out_dir: Path,
-    inpainter: Inpainter | InpainterSpec,
-    removal_per_pair: int | None = None,
-    paste_per_pair: int | None = None,
-    max_companion_fraction: float = 0.25,
-    dilation_px: int = 2,
-    seed: int = 0,
-    workers: int = 1,
+    recipe: CounterfactualRecipe,
     progress: Callable[[str], None] | None = None,
-    tasks_per_chunk: int = 8,
 ) -> TrainCounterfactuals:
     """``build_train_counterfactuals`` of these tables, with its removal edits taken from ``candidates``.
 
     ``candidates`` are ``build_train_removal_candidates`` results (one per batch,
     say) that together cover every (batch, image) of the train split in
-    ``images`` for every pair in ``pairs``, made with the same
+    ``tables`` for every pair in ``pairs``, made with the same
     ``max_companion_fraction``, ``dilation_px`` and inpainter. Their PNGs are
     hard-linked (copied across file systems) into ``out_dir`` under the names
     the one-run function writes; the draw of ``removal_per_pair``, the paste
@@ -810,10 +777,7 @@ def complete_train_counterfactuals(
     candidate image that the tables do not have raises ValueError (the
     candidates are stale: rebuild them).
     """
-    train = _TrainInputs.prepare(
-        images, captions, instances, pairs, max_companion_fraction, dilation_px, workers, tasks_per_chunk,
-        removal_per_pair, paste_per_pair,
-    )
+    train = _TrainInputs.prepare(tables, pairs)
     report = progress or (lambda message: None)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -825,17 +789,13 @@ def complete_train_counterfactuals(
         pair_dir = out_dir / path_slug(pair)
         eligible, skipped = pool.of_pair(pair, train.split)
         plan.skipped.extend(skipped)
-        chosen = chosen_removals(len(eligible), removal_per_pair, seed, pair)
+        chosen = chosen_removals(len(eligible), recipe.removal_per_pair, recipe.seed, pair)
         for i in chosen:
             pool.add_to(plan, eligible[i], pair_dir)
         paste_counts[pair] = _plan_pair_pastes(
-            train, plan, anchor, companion, pair_dir, len(chosen), len(eligible), paste_per_pair,
-            max_companion_fraction, dilation_px, seed, report,
+            train, plan, anchor, companion, pair_dir, len(chosen), len(eligible), recipe, report
         )
-    return _render_and_finish(
-        train, plan, pairs, inpainter, paste_counts, removal_per_pair, paste_per_pair,
-        max_companion_fraction, dilation_px, seed, workers, tasks_per_chunk, report,
-    )
+    return _render_and_finish(train, plan, pairs, recipe, paste_counts, report)
 
 
 @dataclass
@@ -849,11 +809,8 @@ class _TrainInputs:
     clean: set[tuple[str, int]]
 
     @classmethod
-    def prepare(
-        cls, images: pl.DataFrame, captions: pl.DataFrame, instances: pl.DataFrame, pairs: pl.DataFrame,
-        max_companion_fraction: float, dilation_px: int, workers: int, tasks_per_chunk: int,
-        removal_per_pair: int | None, paste_per_pair: int | None,
-    ) -> "_TrainInputs":
+    def prepare(cls, tables: SplitTables, pairs: pl.DataFrame) -> "_TrainInputs":
+        images, captions, instances = tables.images, tables.captions, tables.instances
         _check_columns(images, "images", ("batch", "split", "image_id", "path", "width", "height"))
         _check_columns(captions, "captions", ("batch", "split", "caption_id", "image_id", "caption"))
         _check_columns(
@@ -863,16 +820,6 @@ class _TrainInputs:
              "bbox_x", "bbox_y", "bbox_w", "bbox_h", "area", "iscrowd", "rle_counts", "mask_area"),
         )
         _check_columns(pairs, "pairs", ("anchor", "companion"))
-        if not 0.0 < max_companion_fraction <= 1.0:
-            raise ValueError(f"max_companion_fraction must be in (0, 1], got {max_companion_fraction}")
-        for name, value in (("removal_per_pair", removal_per_pair), ("paste_per_pair", paste_per_pair)):
-            if value is not None and value < 0:
-                raise ValueError(f"{name} must be >= 0 or None (None: the default rule), got {value}")
-        if workers < 1 or tasks_per_chunk < 1 or dilation_px < 0:
-            raise ValueError(
-                "workers and tasks_per_chunk must be >= 1 and dilation_px >= 0, "
-                f"got {workers}, {tasks_per_chunk}, {dilation_px}"
-            )
         train_images = images.filter(pl.col("split") == TRAIN_SPLIT)
         train_instances = instances.filter(pl.col("split") == TRAIN_SPLIT)
         split = _index_train_split(train_images, captions.filter(pl.col("split") == TRAIN_SPLIT), train_instances)
@@ -887,20 +834,20 @@ class _TrainInputs:
 
 def _plan_pair_pastes(
     train: _TrainInputs, plan: _Plan, anchor: str, companion: str, pair_dir: Path, removals: int, eligible: int,
-    paste_per_pair: int | None, max_companion_fraction: float, dilation_px: int, seed: int,
-    report: Callable[[str], None],
+    recipe: CounterfactualRecipe, report: Callable[[str], None],
 ) -> int:
     """Plan the paste images of one pair after its ``removals``; returns how many were planned."""
-    if paste_per_pair is None:
+    if recipe.paste_per_pair is None:
         sets = train.split.categories.values()
         wanted = pastes_for_unit_lift(
             len(train.split.images), sum(anchor in c for c in sets), sum(companion in c for c in sets),
             sum(anchor in c and companion in c for c in sets), removals,
         )
     else:
-        wanted = paste_per_pair
+        wanted = recipe.paste_per_pair
     pasted, targets, donors = _plan_pastes(
-        train.split, plan, anchor, companion, pair_dir, wanted, train.clean, max_companion_fraction, dilation_px, seed
+        train.split, plan, anchor, companion, pair_dir, wanted, train.clean,
+        recipe.max_companion_fraction, recipe.dilation_px, recipe.seed,
     )
     report(
         f"train counterfactuals {pair_name(anchor, companion)}: {removals} removal(s) of {eligible} eligible, "
@@ -910,18 +857,19 @@ def _plan_pair_pastes(
 
 
 def _render_and_finish(
-    train: _TrainInputs, plan: _Plan, pairs: pl.DataFrame, inpainter: Inpainter | InpainterSpec,
-    paste_counts: dict[str, int], removal_per_pair: int | None, paste_per_pair: int | None,
-    max_companion_fraction: float, dilation_px: int, seed: int, workers: int, tasks_per_chunk: int,
-    report: Callable[[str], None], lift: bool = True,
+    train: _TrainInputs, plan: _Plan, pairs: pl.DataFrame, recipe: CounterfactualRecipe,
+    paste_counts: dict[str, int], report: Callable[[str], None], lift: bool = True,
 ) -> TrainCounterfactuals:
     """Render the planned tasks (rows without one are already on disk), check their pixels, add lift and settings."""
     to_render = [(row, task) for row, task in zip(plan.images, plan.tasks, strict=True) if task is not None]
     tasks = [task for _, task in to_render]
-    chunks = [tasks[i : i + tasks_per_chunk] for i in range(0, len(tasks), tasks_per_chunk)]
+    per_chunk = recipe.chunk_size(TASKS_PER_CHUNK)
+    chunks = [tasks[i : i + per_chunk] for i in range(0, len(tasks), per_chunk)]
     report(f"train counterfactuals: rendering {len(tasks)} images in {len(chunks)} chunks")
-    render = functools.partial(_render_train_chunk, dilation_px=dilation_px)
-    edited_pixels = run_inpainting_chunks(render, chunks, inpainter, workers, report, "train counterfactuals")
+    render = functools.partial(_render_train_chunk, dilation_px=recipe.dilation_px)
+    edited_pixels = run_inpainting_chunks(
+        render, chunks, recipe.inpainter, recipe.workers, report, "train counterfactuals"
+    )
     for (row, _), pixels in zip(to_render, edited_pixels, strict=True):
         if row["edited_pixels"] != pixels:  # planning and rendering must agree on every mask
             raise RuntimeError(
@@ -935,15 +883,16 @@ def _render_and_finish(
         if lift
         else pl.DataFrame(schema=LIFT_SCHEMA)
     )
+    inpainter = recipe.inpainter
     name = getattr(inpainter, "backend", None) or getattr(inpainter, "name", type(inpainter).__name__)
     settings = {
         "inpainting_backend": name,
-        "seed": seed,
-        "dilation_px": dilation_px,
-        "max_companion_fraction": max_companion_fraction,
-        "removal_per_pair": removal_per_pair,
-        "paste_per_pair": paste_per_pair,
-        "paste_rule": "as given" if paste_per_pair is not None else "pastes_for_unit_lift, capped by targets",
+        "seed": recipe.seed,
+        "dilation_px": recipe.dilation_px,
+        "max_companion_fraction": recipe.max_companion_fraction,
+        "removal_per_pair": recipe.removal_per_pair,
+        "paste_per_pair": recipe.paste_per_pair,
+        "paste_rule": "as given" if recipe.paste_per_pair is not None else "pastes_for_unit_lift, capped by targets",
         "pastes_made": paste_counts,
     }
     report(

@@ -13,7 +13,13 @@ import polars as pl
 
 @dataclass(frozen=True)
 class SplitTables:
-    """Images, captions and instances of one split over all batches, with global ids."""
+    """The images, captions and instances tables of a set of images.
+
+    ``union_split`` gives one split over all batches, with global ids. Raw
+    ingested tables of one or several batches (all splits, each batch's own
+    ids, rows keyed by (batch, id)) are another use: the counterfactual
+    builders take those and keep the split they need.
+    """
 
     images: pl.DataFrame
     captions: pl.DataFrame
