@@ -255,3 +255,14 @@ def test_resolve_device_honours_preferences():
     with pytest.raises(ValueError, match="gpu0"):
         resolve_device("gpu0")
     assert isinstance(autocast_for(torch.device("cpu")), contextlib.nullcontext)
+
+
+def test_captions_tokenized_ahead_in_batches_embed_as_one_batch_in_order(tiny_bundle):
+    texts = [f"a {colour} cat next to {n} dogs" for colour in ("red", "blue", "green") for n in range(7)]
+    whole = embed_texts(tiny_bundle, texts, batch_size=len(texts))
+    seen: list[tuple[int, int]] = []
+    # batches of 4: the next batch is tokenized in a helper thread while this one is embedded
+    batched = embed_texts(tiny_bundle, texts, batch_size=4, progress=lambda done, total: seen.append((done, total)))
+    torch.testing.assert_close(batched, whole, atol=1e-5, rtol=0)
+    assert seen == [(min(end, len(texts)), len(texts)) for end in range(4, len(texts) + 4, 4)]
+    assert embed_texts(tiny_bundle, [], batch_size=4).shape[0] == 0

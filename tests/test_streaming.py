@@ -4,6 +4,7 @@ recipe's knobs (max_steps, cached-gradient micro-batches, frozen layers) do what
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -74,12 +75,12 @@ def test_stream_rows_delivers_each_planned_step_in_order(task):
     files = ImageFiles.of(paths, ImagePreprocessing.square(16))
     # The last step is larger than one decoding item (32 files): decoded in parts, put back in order.
     plan = [[3, 1, 3], [0], list(range(len(paths)))[::-1], list(range(len(paths))) * 3]
-    for workers in (0, 2):
-        got = list(stream_rows(files, plan, "cpu", workers=workers))
+    for workers, threads in ((0, False), (2, False), (1, True), (2, True)):
+        got = list(stream_rows(files, plan, "cpu", workers=workers, threads=threads))
         assert [tuple(t.shape) for t in got] == [(3, 3, 16, 16), (1, 3, 16, 16), (len(paths), 3, 16, 16),
-                                                 (3 * len(paths), 3, 16, 16)]
+                                                 (3 * len(paths), 3, 16, 16)], (workers, threads)
         for rows, batch in zip(plan, got):
-            assert torch.equal(batch, images[rows])
+            assert torch.equal(batch, images[rows]), (workers, threads)
     assert [tuple(t.shape) for t in stream_rows(images, plan)][:3] == [(3, 3, 16, 16), (1, 3, 16, 16), (len(paths), 3, 16, 16)]
     assert chunk_steps(5, 2) == [[0, 1], [2, 3], [4]]
     # Ramped: the first step is small so the first forward starts early; then doubling up to size.
@@ -95,6 +96,18 @@ def test_a_file_that_cannot_be_decoded_is_named_from_a_worker(task, tmp_path):
     files = ImageFiles.of([paths[0], str(broken)], ImagePreprocessing.square(16))
     with pytest.raises(OSError, match="broken.png"):
         list(stream_rows(files, [[0], [1]], "cpu", workers=1))
+    with pytest.raises(OSError, match="broken.png"):
+        list(stream_rows(files, [[0], [1]], "cpu", workers=1, threads=True))
+
+
+def test_a_consumer_that_stops_early_leaves_no_decoding_thread(task):
+    _, paths, _, _ = task
+    files = ImageFiles.of(paths * 20, ImagePreprocessing.square(16))
+    before = {t.name for t in threading.enumerate()}
+    stream = stream_rows(files, chunk_steps(len(files), 8), "cpu", workers=2, threads=True)
+    next(stream)
+    stream.close()
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("spur-decode") and t.name not in before]
 
 
 def test_embedding_files_equals_embedding_the_decoded_tensor(task):

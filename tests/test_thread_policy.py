@@ -177,3 +177,30 @@ def test_a_training_process_keeps_no_more_threads_busy_than_the_policy(tmp_path)
     finally:
         run.stop(signal.SIGTERM)
     assert 1 <= busiest <= threads, f"{busiest} busy threads with SPUR_THREADS={threads}"
+
+
+def test_the_gil_handover_is_short_while_a_helper_runs_and_restored_after():
+    import sys
+    import threading
+
+    from spur_assets.core.runtime.threads import HELPER_SWITCH_INTERVAL_S, prompt_gil_handover
+
+    before = sys.getswitchinterval()
+    short = pytest.approx(min(before, HELPER_SWITCH_INTERVAL_S), rel=1e-3)  # CPython stores it in microseconds
+    seen: list[float] = []
+    with prompt_gil_handover():
+        assert sys.getswitchinterval() == short
+        inner = threading.Thread(target=lambda: seen.append(_nested_interval(prompt_gil_handover)))
+        inner.start()
+        inner.join()
+        # a second holder that ended does not restore it while the first still holds it
+        assert sys.getswitchinterval() == short
+    assert seen == [short]
+    assert sys.getswitchinterval() == before
+
+
+def _nested_interval(handover) -> float:
+    import sys
+
+    with handover():
+        return sys.getswitchinterval()

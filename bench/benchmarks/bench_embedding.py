@@ -3,8 +3,9 @@
 Pipeline path = exactly what `evaluation.embed_eval_set` does for metric_report
 (`MetricReportConfig.workers`, default 1): `embed_images(bundle, ImageFiles.of(paths,
 ImagePreprocessing.of(bundle.image_processor)), batch_size=256, device=device, workers=1)`:
-one DataLoader worker process decodes, resizes and crops the files 256 at a time (2 steps
-prefetched) while this process normalises the uint8 batch and runs the forward pass. Also
+on CPU one decoding thread of this process decodes, resizes and crops the files 32 at a
+time (2 steps ahead) while the calling thread normalises the uint8 batch and runs the forward
+pass (on CUDA, DataLoader processes decode instead). Also
 timed: the same with `workers=2` and `workers=0` (decoding on the calling thread, no
 overlap); decoding alone (`load_images_uint8`); `embed_images` on already-decoded uint8
 images; captions -> `embed_texts` (tokenize + forward).
@@ -41,7 +42,7 @@ from spur_assets.core.model.clip_model import (
     train_caption_tokenizer,
 )
 from spur_assets.core.runtime.devices import autocast_for
-from spur_assets.core.data.image_stream import DEFAULT_PREFETCH, ImageFiles
+from spur_assets.core.data.image_stream import DECODE_ITEM_ROWS, DEFAULT_PREFETCH, ImageFiles, chunk_steps, stream_rows
 from spur_assets.core.data.preprocessing import ImagePreprocessing
 
 BATCH_SIZE = 256  # MetricReportConfig.batch_size
@@ -108,9 +109,19 @@ def coco_captions(n: int) -> list[str]:
 
 
 def pipeline_images(bundle: ClipBundle, paths: list[str], device: str, workers: int = 1, progress=None) -> torch.Tensor:
-    """embed_eval_set's image path for metric_report: the files streamed through `workers` DataLoader processes."""
+    """embed_eval_set's image path for metric_report: the files streamed through `workers` decoders (threads on CPU)."""
     files = ImageFiles.of(paths, ImagePreprocessing.of(bundle.image_processor))
     return embed_images(bundle, files, batch_size=BATCH_SIZE, device=device, workers=workers, progress=progress)
+
+
+def pipeline_images_processes(bundle: ClipBundle, paths: list[str], device: str) -> None:
+    """The same pass with one DataLoader worker process decoding (what embedding did on CPU before, and does on CUDA)."""
+    files = ImageFiles.of(paths, ImagePreprocessing.of(bundle.image_processor))
+    steps = chunk_steps(len(files), BATCH_SIZE, first=DECODE_ITEM_ROWS)
+    with torch.inference_mode(), autocast_for(torch.device(device)):
+        for batch in stream_rows(files, steps, device, workers=1, threads=False):
+            features = bundle.model.get_image_features(pixel_values=pixel_values_from_uint8(batch, bundle.image_processor))
+            torch.nn.functional.normalize(features.pooler_output.float(), dim=-1).cpu()
 
 
 def raw_image_forward(model: CLIPModel, batches: list[torch.Tensor], device: str) -> None:
@@ -145,7 +156,7 @@ def measure_setting(bundle: ClipBundle, paths: list[str], captions: list[str], s
     """Seconds per repetition for every path of one setting (images and captions).
 
     Also "first_batch": seconds from the call to the first embedded batch of the workers=1
-    pipeline (worker start + decoding one step's files + one forward), from its progress calls.
+    pipeline (decoding the first step's files + one forward), from its progress calls.
     """
     model = bundle.model.to(device).eval()
     decoded = load_images_uint8(paths, size)
@@ -162,14 +173,14 @@ def measure_setting(bundle: ClipBundle, paths: list[str], captions: list[str], s
     pipeline_images(bundle, paths[:16], device, workers=1)
     embed_texts(bundle, captions[:8], batch_size=BATCH_SIZE, device=device)
     first_batch: list[float] = []
-    cores_used: list[float] = []  # (this process's + the worker's CPU seconds) / wall seconds, workers=1 pipeline
-    worker_seconds: list[float] = []  # the worker process's CPU seconds in that pipeline
+    cores_used: list[float] = []  # (this process's + any child's CPU seconds) / wall seconds, workers=1 pipeline
+    worker_seconds: list[float] = []  # CPU seconds of child processes in that pipeline (DataLoader workers on CUDA)
     # CPU seconds of the single-threaded stages: unlike wall time they barely move with other jobs'
     # load, so they estimate what the overlap could give on idle cores.
     cpu: dict[str, list[float]] = {"raw_forward": [], "decode_only": [], "embed_from_uint8": []}
 
     def pipeline_one_worker() -> float:
-        children = resource.getrusage(resource.RUSAGE_CHILDREN)  # the DataLoader worker is a child, reaped at the end
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)  # DataLoader workers (CUDA) are children, reaped at the end
         started, cpu_started = time.perf_counter(), time.process_time()
         marks: list[float] = []
         pipeline_images(bundle, paths, device, workers=1, progress=lambda done, total: marks.append(time.perf_counter()))
@@ -187,6 +198,7 @@ def measure_setting(bundle: ClipBundle, paths: list[str], captions: list[str], s
         "raw_forward": lambda: _timed(lambda: raw_image_forward(model, pixel_batches, device), cpu["raw_forward"]),
         "pipeline_2_workers": lambda: _timed(lambda: (pipeline_images(bundle, paths, device, workers=2), sync())),
         "pipeline_0_workers": lambda: _timed(lambda: (pipeline_images(bundle, paths, device, workers=0), sync())),
+        "pipeline_process": lambda: _timed(lambda: (pipeline_images_processes(bundle, paths, device), sync())),
         "decode_only": lambda: _timed(lambda: load_images_uint8(paths, size), cpu["decode_only"]),
         "embed_from_uint8": lambda: _timed(lambda: (embed_images(bundle, decoded, batch_size=BATCH_SIZE, device=device), sync()), cpu["embed_from_uint8"]),
         "text_pipeline": lambda: _timed(lambda: (embed_texts(bundle, captions, batch_size=BATCH_SIZE, device=device), sync())),
@@ -206,6 +218,9 @@ def _figures(label: str, n_images: int, n_captions: int, seconds: dict) -> tuple
     zero_ratio = ratios(raw_s, seconds["pipeline_0_workers"])
     uint8_ratio = ratios(raw_s, seconds["embed_from_uint8"])
     overlap = ratios(seconds["pipeline_0_workers"], seconds["pipeline"])  # speed-up of workers=1 over workers=0
+    # a decoding thread against a DataLoader worker process, both one decoder (absent in runs before threads)
+    process_ratio = ratios(raw_s, seconds["pipeline_process"]) if "pipeline_process" in seconds else None
+    thread_vs_process = ratios(seconds["pipeline_process"], seconds["pipeline"]) if process_ratio else None
     text_ratio = ratios(seconds["text_raw_forward"], seconds["text_pipeline"])
     pipe, raw, decode, from_uint8 = (median(seconds[k]) for k in ("pipeline", "raw_forward", "decode_only", "embed_from_uint8"))
     steps = -(-n_images // BATCH_SIZE)
@@ -252,7 +267,7 @@ def _figures(label: str, n_images: int, n_captions: int, seconds: dict) -> tuple
             f"{summary['image_ratio']:.2f}",
             f">= {TARGET}",
             summary["image_ratio"] >= TARGET,
-            f"spread {spread(image_ratio)}; CPU it got: {summary['cores_used']:.2f} cores (main + worker CPU s / wall s); "
+            f"spread {spread(image_ratio)}; CPU it got: {summary['cores_used']:.2f} cores (process CPU s / wall s); "
             f"first batch out after {summary['first_batch_s']:.2f} s; decode alone "
             f"{shares['decode']:.0%} of the path's time (overlapped), uint8->float + wrapper {shares['to_float']:.0%}, "
             f"forward {shares['forward']:.0%}, data path not hidden {shares['exposed']:.0%}",
@@ -264,7 +279,7 @@ def _figures(label: str, n_images: int, n_captions: int, seconds: dict) -> tuple
             f"{summary['two_workers_ratio']:.2f}",
             f">= {TARGET}",
             summary["two_workers_ratio"] >= TARGET,
-            f"spread {spread(two_ratio)}; main process + 2 workers = 3 busy processes on {_cores()} cores",
+            f"spread {spread(two_ratio)}; forward + 2 decoding threads = 3 busy threads on {_cores()} cores",
         ),
         Figure(
             f"{label}: images/s, `workers=0` (decode on the calling thread, no overlap)",
@@ -274,6 +289,20 @@ def _figures(label: str, n_images: int, n_captions: int, seconds: dict) -> tuple
             "",
             None,
             f"spread {spread(zero_ratio)}; `workers=1` is {summary['overlap_speedup']:.2f}x this (spread {spread(overlap)})",
+        ),
+        *(
+            [Figure(
+                f"{label}: images/s, one DataLoader worker process decoding instead of a thread (CUDA's path)",
+                rate("pipeline_process"),
+                raw_rate,
+                f"{median(process_ratio):.2f}",
+                "",
+                None,
+                f"spread {spread(process_ratio)}; the thread path is {median(thread_vs_process):.2f}x this "
+                f"(spread {spread(thread_vs_process)})",
+            )]
+            if process_ratio
+            else []
         ),
         Figure(
             f"{label}: images/s, `embed_images` on decoded uint8 (no file reading)",
@@ -364,7 +393,7 @@ def build_section(raw: dict, counts: dict, coco_shape: str, load_start: float, l
             f"{name}: pipeline {x['pipeline_s']:.2f} s against raw forward {x['raw_s']:.2f} s, {x['steps']} step(s) of "
             f"up to 256; `embed_images` on decoded uint8 takes {x['from_uint8_s']:.2f} s (normalisation and wrapper "
             f"{x['to_float']:.0%} of the path), so {x['exposed']:.0%} of the path is data path the forward did not "
-            f"hide; the first batch came out after {x['first_batch_s']:.2f} s (worker start, a whole step decoded, "
+            f"hide; the first batch came out after {x['first_batch_s']:.2f} s (the first step's files decoded, "
             f"its forward)."
         )
 
@@ -372,101 +401,76 @@ def build_section(raw: dict, counts: dict, coco_shape: str, load_start: float, l
     notes = [
         "**Method.** Pipeline = `embed_images(bundle, ImageFiles.of(paths, ImagePreprocessing.of(bundle.image_processor)), "
         "batch_size=256, device=device, workers=1)`, exactly what `evaluation.embed_eval_set` runs for `metric_report` "
-        "(`MetricReportConfig.workers` = 1): one DataLoader worker process (forked, a fresh one per call) decodes, "
-        f"resizes and crops each step of 256 files, {DEFAULT_PREFETCH} steps prefetched per worker, and hands the uint8 "
-        "batch over shared memory while this process normalises it and runs the forward. `workers=2`: the same with "
-        "two worker processes. `workers=0`: each step decoded on the calling thread, then embedded (no overlap). "
-        "Decode alone = `load_images_uint8(paths, size)` on the calling thread (the same `ImagePreprocessing` as "
+        "(`MetricReportConfig.workers` = 1): on CPU one decoding thread of this process opens, decodes, resizes and "
+        f"crops the files in items of 32 ({DEFAULT_PREFETCH} steps ahead) while the calling thread normalises each "
+        "step and runs the forward; the steps ramp up from 32 files to 256. Pillow and NumPy release the GIL while "
+        "they decode and copy, and while the thread runs the interpreter's switch interval is 0.2 ms instead of 5 ms "
+        "(`threads.prompt_gil_handover`), so the forward gets the GIL back between its operators at once. "
+        "`workers=2`: two decoding threads. `workers=0`: each step decoded on the calling thread, then embedded (no "
+        "overlap). On CUDA the same call decodes in DataLoader processes instead (not measured here). Decode alone = "
+        "`load_images_uint8(paths, size)` on the calling thread (the same `ImagePreprocessing` as "
         "`.of(bundle.image_processor)`). `embed_images` on decoded uint8 = the pipeline without files (normalisation, "
         "forward, L2 normalise, copy to CPU). Raw = `get_image_features` / `get_text_features` on tensors prepared "
-        "beforehand (decoded, normalised, tokenized), same batches. Every path is timed once per repetition, "
-        "interleaved; ratio = raw time / path time per repetition (a throughput ratio), median reported. Shares are "
-        "medians of separately timed stages over the pipeline's median time; with overlap they do not add up. Decode "
-        "alone, embed from uint8 and raw forward also record CPU seconds, used for the idle-core estimates below.",
+        "beforehand (decoded, normalised, tokenized), same batches. `embed_texts` tokenizes the next batch in a second "
+        "thread while the model embeds this one. Every path is timed once per repetition, interleaved; ratio = raw "
+        "time / path time per repetition (a throughput ratio), median reported. Shares are medians of separately timed "
+        "stages over the pipeline's median time; with overlap they do not add up. Decode alone, embed from uint8 and "
+        "raw forward also record CPU seconds, used for the idle-core estimates below.",
         "**The machine.** "
         f"{cores} cores shared with other developers' jobs; 1-minute load average {load_start:.2f} when this section "
         f"started, {load_end:.2f} when it ended. torch runs {threads} intra-op thread(s) in this process "
-        "(`bench/benchmarks/harness.py` `set_torch_threads`, `--threads`, default 1 for sections 1-5); each DataLoader worker "
-        "runs 1 torch thread (torch sets it) and decodes with Pillow. So `workers=1` needs two cores (the decode "
-        "worker and the forward thread), `workers=2` three, on a 2-core machine; at a load average above the core "
-        "count there is no idle core, every runnable process gets a slice, and overlap cannot add CPU: the wall-time "
-        "figures here are the scheduler's as much as the code's. CPU seconds, used for the estimates below, move "
-        "less with the load, but not nothing (preemption and shared caches cost CPU too).",
+        "(`bench/benchmarks/harness.py` `set_torch_threads`, `--threads`, default 1 for sections 1-5). The raw forward "
+        "needs one core; the pipeline needs that core plus the decoding thread's, so it reaches the raw speed only "
+        "where a second core is free: at a load average near 1 from other jobs on 2 cores it is not, and the decoding "
+        "then takes time from the forward instead of running beside it. The wall-time figures here are the "
+        "scheduler's as much as the code's. CPU seconds, used for the estimates below, move less with the load.",
         "**Where the rest goes.** " + where("Built-in", b) + " " + where("COCO-like", c)
         + f" Per image, on CPU seconds: decoding a 64-px PNG {b['decode_cpu_ms_per_image']:.2f} ms against "
         f"{b['forward_cpu_ms_per_image']:.2f} ms of the demo model's forward; a 640x480 JPEG "
         f"{c['decode_cpu_ms_per_image']:.1f} ms against {c['forward_cpu_ms_per_image']:.0f} ms for the ViT-B/32-sized "
         f"forward. At COCO size this run has {c['steps']} step(s) "
         + (
-            "(fewer files than one batch), so nothing can overlap: the path is worker start + decoding the files + "
-            "the forward, and decoding is a few percent of it. "
+            "(fewer files than one batch), so little can overlap, and decoding is a few percent of the path. "
             if c["steps"] == 1
             else "and decoding is a few percent of the forward. "
         )
-        + "For captions, tokenization (one `tokenizer(...)` call per batch) is the whole difference.",
-        "**What the DataLoader overlap buys.** Measured, `workers=1` against `workers=0`: "
+        + "For captions, tokenization (one `tokenizer(...)` call per batch, overlapped with the previous batch's "
+        "forward) is the whole difference.",
+        "**What the overlap buys.** Measured, `workers=1` against `workers=0`: "
         f"{b['overlap_speedup']:.2f}x on the built-in data, {c['overlap_speedup']:.2f}x at COCO size"
         + (
             f"; slower on the {' and '.join(name for name, _ in slower)} data in this run (within 3% counts as no "
-            "change). The DataLoader adds a process start per call and a shared-memory hand-over per step. "
-            + "".join(
-                f"With a single step (the {name} files here) there is nothing to overlap, so that is all it adds. "
-                if x["steps"] == 1
-                else f"Over several steps (the {name} files), with no idle core, the worker's decoding also takes CPU from the forward "
-                "instead of running beside it. "
-                for name, x in slower
-            )
+            "change): with no idle core the decoding thread takes CPU from the forward instead of running beside it. "
             if slower
             else ". "
         )
-        + "Estimated from CPU seconds for idle cores (worker start and hand-over not counted): the first step's "
-        "files are decoded before any forward, then each step costs the longer of forward and decoding, so "
+        + "Estimated from CPU seconds for idle cores: the first step's files are decoded before any forward, then "
+        "each step costs the longer of forward and decoding, so "
         "raw / (decode/steps + max(model, decode/workers) x (steps-1)/steps + model/steps) = "
-        f"{b['ceiling_one_worker']:.2f} with one worker and {b['ceiling_two_workers']:.2f} with two on the built-in "
-        f"set ({b['steps']} step(s)), {demo_ceiling:.2f} with one worker on the demo's own 500-image test set (2 "
-        f"steps); {c['ceiling_one_worker']:.2f} on the COCO-like files ({c['steps']} step(s)) and {coco_val_ceiling:.2f} for "
+        f"{b['ceiling_one_worker']:.2f} with one decoder and {b['ceiling_two_workers']:.2f} with two on the built-in "
+        f"set ({b['steps']} equal step(s); the ramp from 32 files shrinks the head further: "
+        f"{small_head[1]:.2f} with one), {demo_ceiling:.2f} on the demo's own 500-image test set (2 steps); "
+        f"{c['ceiling_one_worker']:.2f} on the COCO-like files ({c['steps']} step(s)) and {coco_val_ceiling:.2f} for "
         "a 5,000-image COCO val set (20 steps). Measured, `workers=2` gave "
         f"{b['two_workers_ratio']:.2f} (built-in) and {c['two_workers_ratio']:.2f} (COCO-like) against "
         f"{b['image_ratio']:.2f} / {c['image_ratio']:.2f} with one.",
-        "**What limits the 64-px path, and what would reach 0.9 (pipeline code, not changed here).** "
+        "**What limits the 64-px path.** "
         f"Decoding a 64-px PNG costs {b['decode_cpu_ms_per_image'] / b['forward_cpu_ms_per_image']:.0%} of the demo "
         f"model's forward on it in CPU seconds ({b['decode_cpu_ms_per_image']:.2f} vs {b['forward_cpu_ms_per_image']:.2f} "
-        "ms), so "
+        "ms), so the path needs "
+        f"{1 + b['decode_cpu_ms_per_image'] / b['forward_cpu_ms_per_image']:.2f} cores to run at the raw forward's speed. "
+        f"In this run it got {b['cores_used']:.2f} cores on average (this process's CPU seconds, decoding thread "
+        "included, over wall seconds)"
         + (
-            "with a core of its own one worker keeps up with the forward; "
-            if b["decode_cpu_ms_per_image"] <= b["forward_cpu_ms_per_image"]
-            else "even with a core of its own one worker cannot keep up with the forward; "
-        )
-        + "what it cannot hide is the first 256-file step, decoded before any forward starts (1/steps of the "
-        "decoding: a quarter at 1,024 images, half on the demo's 500)"
-        + (
-            f", and the normalisation and wrapper of `embed_images` (raw / embed-from-uint8 = {b['uint8_ratio']:.2f} in "
-            "this run, a cap on any data path)"
+            f", and `embed_images` on already-decoded pixels ran at {b['uint8_ratio']:.2f} of the raw forward "
+            "(normalisation and wrapper; a cap on any data path)"
             if b["uint8_ratio"] < 0.95
             else ""
         )
-        + f", hence the idle-core estimates of {b['ceiling_one_worker']:.2f} and {demo_ceiling:.2f}. "
-        f"In this run the `workers=1` pipeline got {b['cores_used']:.2f} cores on average (its own and its worker's "
-        "CPU seconds over wall seconds), "
-        + (
-            "about one core for both processes: the worker's decoding was added to the forward's time instead of "
-            "hidden, and the DataLoader's process start and hand-over came on top; that, not the code path, is most "
-            "of the gap between the estimate and the measured ratio. "
-            if b["cores_used"] < 1.3
-            else "so the overlap did run on a second core for part of the time. "
-        )
-        + f"The worker itself spent {b['worker_cpu_ms_per_image']:.2f} ms of CPU per image against "
-        f"{b['decode_cpu_ms_per_image']:.2f} ms for decoding on the calling thread: the difference, "
-        f"{b['worker_cpu_ms_per_image'] - b['decode_cpu_ms_per_image']:.2f} ms per image, is the worker's start and "
-        "the hand-over of each 256 x 3 x 64 x 64 uint8 batch (3 MiB copied into shared memory and sent), a cost the "
-        "in-thread path does not pay and that only a free core hides. To reach 0.9: "
-        f"(1) decode in small steps (e.g. 32 files per DataLoader item, regrouped into batches of 256 for the "
-        f"forward), which shrinks the head: estimated {small_head[1]:.2f} with one worker and {small_head[2]:.2f} "
-        "with two, on idle cores; (2) start the workers once per checkpoint rather than per `embed_images` call "
-        "(`embed_eval_set` makes three: test, removal and control images); (3) decode once per `metric_report`: "
-        "the fine-tuned checkpoint keeps the base checkpoint's image processor, and 500 prepared 64-px images are "
-        "6 MiB of uint8, so the second checkpoint could embed at the 'decoded uint8' row's speed; (4) a core per "
-        "process, which a shared 2-core machine does not guarantee. At COCO size the forward is "
+        + ". What would close the rest: a core of its own for the decoder (not granted on a shared 2-core machine), or "
+        "decoding once per `metric_report` for all checkpoints that share an image processor (the fine-tuned and "
+        "control checkpoints keep the base's; 500 prepared 64-px images are 6 MiB), which this benchmark's single "
+        "pass does not measure. At COCO size the forward is "
         f"{c['forward_cpu_ms_per_image'] / max(c['decode_cpu_ms_per_image'], 1e-9):.0f}x the decoding per image, so "
         "decoding is a few percent of the path whatever the workers.",
     ]

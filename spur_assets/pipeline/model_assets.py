@@ -112,6 +112,18 @@ def _image_path_note(images: ImageFiles, in_memory_mb: int, workers: int) -> str
     return f"{megabytes:.0f} MiB of prepared pixels, {how}"
 
 
+# What the three training assets share: they train on the accelerator pool, one GPU per step pod
+# under the k8s_job_executor (inert elsewhere), read every batch, and store a checkpoint folder.
+TRAINING_ASSET = dict(
+    kinds={"pytorch", "huggingface"},
+    code_version="1",
+    io_manager_key="refs",
+    pool="accelerator",
+    op_tags=GPU_STEP_TAGS,
+    ins=ALL_BATCHES,
+)
+
+
 def _log_progress(context: dg.AssetExecutionContext):
     def log(event: dict) -> None:
         context.log.info(
@@ -123,12 +135,7 @@ def _log_progress(context: dg.AssetExecutionContext):
 
 @dg.asset(
     group_name="expose",
-    kinds={"pytorch", "huggingface"},
-    code_version="1",
-    io_manager_key="refs",
-    pool="accelerator",
-    op_tags=GPU_STEP_TAGS,  # one GPU per step pod under the k8s_job_executor; inert elsewhere
-    ins=ALL_BATCHES,
+    **TRAINING_ASSET,
     description=(
         "The model under audit as a save_pretrained folder (safetensors, config, tokenizer, image "
         "processor) that plain transformers loads: SPUR_BASE_MODEL when set, else a small CLIP "
@@ -240,12 +247,7 @@ def finetune_lr(config: FinetunedCheckpointConfig, base_model: str) -> float:
 
 @dg.asset(
     group_name="mitigate",
-    kinds={"pytorch", "huggingface"},
-    code_version="1",
-    io_manager_key="refs",
-    pool="accelerator",
-    op_tags=GPU_STEP_TAGS,  # one GPU per step pod under the k8s_job_executor; inert elsewhere
-    ins=ALL_BATCHES,
+    **TRAINING_ASSET,
     description=(
         "base_checkpoint fine-tuned with CLIP's InfoNCE on originals mixed with the synthetic train "
         "counterfactuals; each removal image brings its original companion caption as a hard-negative "
@@ -365,12 +367,7 @@ class ControlCheckpointConfig(dg.Config):
 
 @dg.asset(
     group_name="mitigate",
-    kinds={"pytorch", "huggingface"},
-    code_version="1",
-    io_manager_key="refs",
-    pool="accelerator",
-    op_tags=GPU_STEP_TAGS,
-    ins=ALL_BATCHES,
+    **TRAINING_ASSET,
     description=(
         "The control arm: base_checkpoint fine-tuned with finetuned_checkpoint's recipe, seed, number of "
         "optimizer steps and learning-rate schedule, on the original train images and captions only (no "

@@ -11,6 +11,10 @@ an embedding pass) and `stream_rows` delivers them step by step:
   model computes the previous step, about `prefetch` steps ahead; the items are put back
   together into steps in order; on CUDA the batches land in pinned memory and are copied
   with `non_blocking=True`;
+- with `workers` > 0 and `threads`, the same items decoded by that many threads of this
+  process (Pillow and NumPy release the GIL while they decode, resize and copy): no process
+  to start and no shared-memory copy of each batch, which on a CPU whose cores the model also
+  uses is what the overlap costs (embedding on CPU takes this path);
 - with `workers` = 0, the same decoding on the calling thread (no extra process).
 
 Batches travel as uint8 and are normalised on the device (`preprocessing.pixel_values`): a
@@ -25,7 +29,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Union
 
@@ -34,7 +40,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from spur_assets.core.data.preprocessing import ImagePreprocessing, decode_image_uint8
-from spur_assets.core.runtime.threads import rebalance_threads
+from spur_assets.core.runtime.threads import prompt_gil_handover, rebalance_threads
 
 # A training split whose prepared pixels fit in this many MiB is decoded once and kept in memory
 # for the run (every epoch reads every image again); a larger one streams. Memory stays bounded by
@@ -127,15 +133,18 @@ def stream_rows(
     device: torch.device | str = "cpu",
     workers: int = 0,
     prefetch: int = DEFAULT_PREFETCH,
+    threads: bool = False,
 ) -> Iterator[torch.Tensor]:
     """The uint8 images of each planned step, in plan order, on `device`.
 
     `steps[i]` lists the image rows step i needs (any order, repeats allowed). A tensor
     source is indexed directly. `ImageFiles` are decoded by `workers` DataLoader processes
-    (0 = on this thread) in items of at most DECODE_ITEM_ROWS files, about `prefetch` steps
-    ahead in all, and put back together into steps here; on CUDA through pinned memory with
-    non-blocking copies. A file that cannot be read raises OSError naming it. Between steps
-    torch's threads may follow the machine's load (core/runtime/threads.py, rebalance_threads).
+    (0 = on this thread; with `threads`, `workers` threads of this process instead) in items
+    of at most DECODE_ITEM_ROWS files, about `prefetch` steps ahead in all, and put back
+    together into steps here; on CUDA through pinned memory with non-blocking copies. The
+    steps are the same whichever way they are decoded. A file that cannot be read raises
+    OSError naming it. Between steps torch's threads may follow the machine's load
+    (core/runtime/threads.py, rebalance_threads).
     """
     target = torch.device(device)
     plan = [torch.as_tensor(rows, dtype=torch.long).cpu() for rows in steps]
@@ -153,6 +162,9 @@ def stream_rows(
         return
     items = [rows[start : start + DECODE_ITEM_ROWS].tolist() for rows in plan for start in range(0, max(1, len(rows)), DECODE_ITEM_ROWS)]
     items_per_step = max(1, -(-max((len(rows) for rows in plan), default=1) // DECODE_ITEM_ROWS))
+    if threads:
+        yield from _stream_with_threads(images, plan, items, target, workers, max(1, prefetch) * items_per_step)
+        return
     loader = DataLoader(
         _PlannedSteps(images, items),
         batch_size=None,  # each item is already a block of images
@@ -169,6 +181,39 @@ def stream_rows(
         batch = parts[0] if len(parts) == 1 else torch.cat(parts)
         rebalance_threads()
         yield batch.to(target, non_blocking=True)
+
+
+def _stream_with_threads(
+    images: ImageFiles, plan: list[torch.Tensor], items: list[list[int]], target: torch.device, workers: int, ahead: int
+) -> Iterator[torch.Tensor]:
+    """stream_rows' steps decoded by `workers` threads, at most `ahead` items in flight, in plan order."""
+    pending: deque[Future] = deque()
+    upcoming = iter(items)
+    with prompt_gil_handover(), ThreadPoolExecutor(max_workers=workers, thread_name_prefix="spur-decode") as pool:
+        try:
+
+            def top_up() -> None:
+                while len(pending) < ahead:
+                    rows = next(upcoming, None)
+                    if rows is None:
+                        return
+                    pending.append(pool.submit(images.load, rows))
+
+            top_up()
+            for rows in plan:
+                parts = []
+                for _ in range(max(1, -(-len(rows) // DECODE_ITEM_ROWS))):
+                    parts.append(pending.popleft().result())
+                    top_up()
+                batch = parts[0] if len(parts) == 1 else torch.cat(parts)
+                if target.type == "cuda":
+                    batch = batch.pin_memory()
+                rebalance_threads()
+                yield batch.to(target, non_blocking=True)
+        finally:
+            # A consumer that stops early (an error, a closed generator) leaves no decoding behind.
+            for future in pending:
+                future.cancel()
 
 
 def decoded_in_memory(images: ImageSource, budget_mb: float) -> ImageSource:

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from transformers import CLIPImageProcessor
 
 from spur_assets.core.runtime.devices import autocast_for
+from spur_assets.core.runtime.threads import prompt_gil_handover
 from spur_assets.core.data.image_stream import DECODE_ITEM_ROWS, ImageFiles, ImageSource, chunk_steps, source_length, stream_rows
 from spur_assets.core.data.preprocessing import ImagePreprocessing, decode_image_uint8, pixel_values
 
@@ -453,7 +454,8 @@ def embed_images(
     """L2-normalised image embeddings [N, D], float32 on CPU, in the order of the images.
 
     `images` are prepared uint8 images [N, 3, S, S], or `ImageFiles` streamed from disk
-    by `workers` decoding processes (0 = on this thread; see core/data/image_stream.py) in steps
+    by `workers` decoders (0 = on this thread; threads of this process on CPU, DataLoader
+    processes on CUDA; see core/data/image_stream.py) in steps
     that ramp up from DECODE_ITEM_ROWS files to `batch_size`, so the first forward does not
     wait for a whole batch to be decoded (an image's embedding does not depend on the batch
     it is in: on CPU bit for bit, tested). Runs on `device` (default: where the model is; the model is moved
@@ -469,7 +471,11 @@ def embed_images(
     chunks: list[torch.Tensor] = []
     done = 0
     with torch.inference_mode(), autocast_for(target):
-        for rows, batch in zip(steps, stream_rows(images, steps, target, workers), strict=True):
+        # On CPU the decoding runs in threads of this process beside the forward (no process start,
+        # no shared-memory copy of each batch: bench/benchmarks/RESULTS.md section 2); on a GPU in
+        # DataLoader processes, which keep many cores decoding for it.
+        stream = stream_rows(images, steps, target, workers, threads=target.type == "cpu")
+        for rows, batch in zip(steps, stream, strict=True):
             pixels = pixel_values_from_uint8(batch, bundle.image_processor)
             features = model.get_image_features(pixel_values=pixels).pooler_output
             chunks.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu())
@@ -491,22 +497,30 @@ def embed_texts(
     """L2-normalised text embeddings [N, D], float32 on CPU, in the order of `texts`.
 
     Texts are tokenized with the bundle's tokenizer (bos/eos added, truncated to
-    `text_max_length`). Same device, autocast and progress rules as `embed_images`.
+    `text_max_length`), the next batch in a second thread while the model embeds this one (a
+    fast tokenizer releases the GIL while it encodes). Same device, autocast and progress rules
+    as `embed_images`.
     """
     model = bundle.model
     target = torch.device(device) if device is not None else _model_device(model)
     model.to(target).eval()
     total = len(texts)
     chunks: list[torch.Tensor] = []
-    with torch.inference_mode(), autocast_for(target):
-        for start in range(0, total, batch_size):
-            tokens = tokenize_captions(bundle, texts[start : start + batch_size])
-            features = model.get_text_features(
-                input_ids=tokens["input_ids"].to(target), attention_mask=tokens["attention_mask"].to(target)
-            ).pooler_output
-            chunks.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu())
-            if progress is not None:
-                progress(min(start + batch_size, total), total)
+    starts = range(0, total, batch_size)
+    with prompt_gil_handover(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="spur-tokenize") as pool:
+        upcoming = [pool.submit(tokenize_captions, bundle, texts[start : start + batch_size]) for start in starts[:1]]
+        with torch.inference_mode(), autocast_for(target):
+            for index, start in enumerate(starts):
+                tokens = upcoming[index].result()
+                if index + 1 < len(starts):
+                    upcoming.append(pool.submit(tokenize_captions, bundle, texts[starts[index + 1] : starts[index + 1] + batch_size]))
+                upcoming[index] = None  # drop this batch's tokens once used
+                features = model.get_text_features(
+                    input_ids=tokens["input_ids"].to(target), attention_mask=tokens["attention_mask"].to(target)
+                ).pooler_output
+                chunks.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu())
+                if progress is not None:
+                    progress(min(start + batch_size, total), total)
     if not chunks:
         return torch.empty((0, model.config.projection_dim), dtype=torch.float32)
     return torch.cat(chunks)

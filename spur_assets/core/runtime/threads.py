@@ -9,10 +9,13 @@ step may keep busy, and splits it between decoding workers and torch intra-op th
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -209,3 +212,36 @@ def rebalance_threads() -> None:
 
 
 _CAN_MEASURE = Path("/proc/stat").is_file() and hasattr(os, "sched_getaffinity")
+
+
+# While a helper thread of this process prepares data beside the model (image decoding, caption
+# tokenization), the model's thread needs the GIL back between its operators at once: under
+# CPython's default 5 ms switch interval it may wait that long each time the helper runs Python.
+# 0.2 ms brought the built-in 64-px embedding from 0.77 to 0.85 of the raw forward, the speed
+# of embedding already-decoded pixels (bench/benchmarks/RESULTS.md section 2).
+HELPER_SWITCH_INTERVAL_S = 0.0002
+_switch_lock = threading.Lock()
+_switch_holders = 0
+_switch_saved = 0.005
+
+
+@contextlib.contextmanager
+def prompt_gil_handover() -> Iterator[None]:
+    """Shorten the interpreter's thread switch interval while a data-preparing helper thread runs.
+
+    Re-entrant and safe across threads: the first holder shortens it, the last one restores the
+    value it found.
+    """
+    global _switch_holders, _switch_saved
+    with _switch_lock:
+        if _switch_holders == 0:
+            _switch_saved = sys.getswitchinterval()
+            sys.setswitchinterval(min(_switch_saved, HELPER_SWITCH_INTERVAL_S))
+        _switch_holders += 1
+    try:
+        yield
+    finally:
+        with _switch_lock:
+            _switch_holders -= 1
+            if _switch_holders == 0:
+                sys.setswitchinterval(_switch_saved)
