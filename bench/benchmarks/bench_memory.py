@@ -87,7 +87,7 @@ def read_peaks(dagster_home: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="2000,8000,32000", help="train images per run (test = N/8)")
-    parser.add_argument("--work", default="/tmp/spur-bench-memory", help="where the SPUR_HOMEs go")
+    parser.add_argument("--work", default=".spur/bench/memory", help="where the SPUR_HOMEs go")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (OMP_NUM_THREADS) per process")
     parser.add_argument("--out", help="also write the Markdown here")
     args = parser.parse_args(argv)

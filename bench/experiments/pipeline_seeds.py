@@ -9,7 +9,7 @@ fine-tune, all with the pipeline's defaults. Per seed it reads the run's report.
 adds a paired bootstrap (over eval queries, 2000 resamples) of the ODmAP@10 gains, the
 noise of that one test split.
 
-    .venv/bin/python bench/experiments/pipeline_seeds.py --seeds 0,5,6,7 --work /tmp/seeds --out bench/experiments/CLAIM-SEEDS.md
+    .venv/bin/python bench/experiments/pipeline_seeds.py --seeds 0,5,6,7 --work .spur/experiments/pipeline-seeds --out bench/experiments/CLAIM-SEEDS.md
 
 A home under --work that already holds a finished run on the same seed's data is
 reused (pass --home-of 0=.spur to reuse the demo's home for seed 0). Per seed it also
@@ -120,7 +120,7 @@ def headline(report: dict, name: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="0,5,6,7", help="comma-separated builtin_seed values")
-    parser.add_argument("--work", default="/tmp/spur-pipeline-seeds", help="one SPUR_HOME per seed: WORK/seedN")
+    parser.add_argument("--work", default=".spur/experiments/pipeline-seeds", help="one SPUR_HOME per seed: WORK/seedN")
     parser.add_argument("--home-of", default="", help="reuse finished homes, e.g. 0=.spur")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="bench/experiments/CLAIM-SEEDS.md")

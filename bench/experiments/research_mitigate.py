@@ -30,7 +30,7 @@ instead: validation sets with the test split's rates that were never trained on.
     nice -n 10 .venv/bin/python bench/experiments/research_mitigate.py screen --arms default,w4 --seeds 0
     nice -n 10 .venv/bin/python bench/experiments/research_mitigate.py test --arms w4 --seeds 0,1,2
 
-Every result is appended as one JSON line to --log (default /tmp/research4/results.jsonl);
+Every result is appended as one JSON line to --log (default .spur/experiments/research/results.jsonl);
 `table` renders them as Markdown.
 """
 
@@ -77,7 +77,7 @@ from spur_assets.core.model.training import (  # noqa: E402
     paired_epoch_batches,  # the research version of it, ported; HardLinks has the fields it reads
 )
 
-WORK = Path("/tmp/research4")
+WORK = Path(".spur") / "experiments" / "research"  # under the working directory, beside the demo home
 COMPANION_OF_PATH: dict[str, str] = {}  # removal image path -> companion, set in main() for pair_hard_t2i
 # image path -> categories it shows (removal images: the source's minus the companion), and the flagged
 # (anchor, companion) pairs; set in main() for anchor_hard
@@ -546,7 +546,7 @@ def log_result(path: Path, row: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["ceiling", "valbase", "valbase_eval", "base", "screen", "test", "check", "table"])
-    parser.add_argument("--base-name", default="demo", help="folder under /tmp/research4 for `base`; "
+    parser.add_argument("--base-name", default="demo", help="folder under --work for `base`; "
                         "for `test`, a folder there to fine-tune instead of the demo's base")
     parser.add_argument("--home", default=".spur", help="the demo home (SPUR_HOME), relative to the working directory")
     parser.add_argument("--arms", default="default")
