@@ -16,6 +16,7 @@ from spur_assets.core.metrics.evaluation import (
     EvalSet,
     build_eval_index,
     evaluate_checkpoint,
+    evaluate_checkpoints,
     evaluate_embeddings,
 )
 from spur_assets.core.metrics.report import check_report_shape
@@ -578,3 +579,87 @@ def test_per_query_scores_reproduce_every_headline_metric(seed):
     assert result.per_query["b_mention_rate"].values.tolist() == pytest.approx(expected)
     delta = rm.delta_ctrl(images[index.control_image_row], controls, captions, index.control_relevant, k=3)
     assert result.metrics["delta_ctrl"] == pytest.approx(delta, abs=1e-12)
+
+
+# ----------------------------------------------------------------------------- several checkpoints, one decode
+
+
+def _perturbed(bundle, seed: int):
+    """A copy of `bundle` with other weights and the same processor, as a fine-tune or control has."""
+    import copy
+
+    twin = copy.deepcopy(bundle)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in twin.model.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    return twin
+
+
+def test_evaluate_checkpoints_decodes_each_file_once_per_decoding_and_equals_each_alone(tiny_setup, tmp_path, monkeypatch):
+    import copy
+
+    from spur_assets.core.data import image_stream
+    from spur_assets.core.model.embedding_cache import EmbeddingCache
+
+    eval_set, base = tiny_setup
+    tuned, control = _perturbed(base, 1), _perturbed(base, 2)
+    # Another checkpoint that decodes differently (bilinear resize): it needs a pass of its own.
+    other = _perturbed(base, 3)
+    other.image_processor = copy.deepcopy(base.image_processor)
+    other.image_processor.resample = 2
+    bundles = {"base": base, "control": control, "finetuned": tuned, "other": other}
+    alone = {name: evaluate_checkpoint(bundle, eval_set, k=3, batch_size=4) for name, bundle in bundles.items()}
+    # The control's rows are all in its cache already: the shared pass embeds none of them.
+    control_cache = EmbeddingCache(tmp_path / "cache", "control-key")
+    evaluate_checkpoint(control, eval_set, k=3, batch_size=4, cache=control_cache)
+
+    decoded: list[str] = []
+    real_decode = image_stream.decode_image_uint8
+
+    def counting_decode(path, prep, max_pixels=None):
+        decoded.append(str(path))
+        return real_decode(path, prep, max_pixels)
+
+    monkeypatch.setattr(image_stream, "decode_image_uint8", counting_decode)
+    messages: list[str] = []
+    together = evaluate_checkpoints(
+        bundles, eval_set, k=3, batch_size=4, progress=messages.append, workers=1,
+        caches={"control": control_cache, "base": None},
+    )
+    files = eval_set.images.height + eval_set.cf_images.height
+    assert len(decoded) == 2 * files  # one pass for base, control and fine-tuned; one for "other"
+    assert {path: decoded.count(path) for path in set(decoded)} == {path: 2 for path in set(decoded)}
+    assert list(together) == list(bundles)
+    for name in bundles:
+        assert together[name].metrics == alone[name].metrics, name
+        assert together[name].per_pair == alone[name].per_pair, name
+    assert any(m.startswith(f"evaluation: control: images (test, removal, control): {files} from the embedding cache, 0 embedded")
+               for m in messages), messages
+
+
+def test_embed_images_many_embeds_each_checkpoints_own_rows_as_embed_images_does(tiny_setup):
+    from spur_assets.core.data.image_stream import ImageFiles
+    from spur_assets.core.data.preprocessing import ImagePreprocessing
+    from spur_assets.core.model.clip_model import embed_images, embed_images_many
+
+    eval_set, base = tiny_setup
+    tuned = _perturbed(base, 4)
+    paths = eval_set.images.sort("image_id")["path"].to_list()
+    files = ImageFiles.of(paths, ImagePreprocessing.of(base.image_processor))
+    wanted = torch.tensor([i % 3 != 0 for i in range(len(paths))])
+    rows_base, rows_tuned = embed_images_many([base, tuned], files, [None, wanted], batch_size=5, workers=1)
+    assert torch.equal(rows_base, embed_images(base, files, batch_size=5))
+    assert torch.equal(rows_tuned, embed_images(tuned, files, batch_size=5)[wanted])
+    assert rows_tuned.shape == (int(wanted.sum()), 16)
+
+    nothing = torch.zeros(len(paths), dtype=torch.bool)
+    assert embed_images_many([base], files, [nothing])[0].shape == (0, 16)
+    with pytest.raises(ValueError, match="one bool mask of 12 rows per checkpoint"):
+        embed_images_many([base, tuned], files, [wanted])
+    import copy
+
+    other = copy.deepcopy(base)
+    other.image_processor.crop_size = {"height": 8, "width": 8}
+    with pytest.raises(ValueError, match="decode images differently"):
+        embed_images_many([base, other], files)

@@ -10,7 +10,7 @@ from spur_assets.core.records.artifacts import ArtifactRef
 from spur_assets.core.model.clip_model import load_checkpoint
 from spur_assets.core.runtime.devices import resolve_device
 from spur_assets.core.model.embedding_cache import EmbeddingCache
-from spur_assets.core.metrics.evaluation import EvalSet, evaluate_checkpoint
+from spur_assets.core.metrics.evaluation import EvalSet, evaluate_checkpoints
 from spur_assets.core.metrics.report import write_report
 from spur_assets.pipeline.ingest import ALL_BATCHES, batches_split
 from spur_assets.pipeline.model_assets import control_enabled
@@ -111,22 +111,20 @@ def metric_report(
     inputs = upstream_refs(raw_pairs, synthetic_counterfactuals, base_checkpoint, control_checkpoint, finetuned_checkpoint)
     with recorded_materialization(context, settings, config, inputs=inputs, device=str(device)) as session:
         workers = session.decoding_workers(config.workers)
-        evaluations = {}
+        bundles, caches = {}, {}
         for name, ref in checkpoints.items():
-            context.log.info(f"scoring the {name} checkpoint ({ref.path('checkpoint')}) on {device}")
-            bundle = load_checkpoint(ref.path("checkpoint"), device=device)
-            cache = embedding_cache_for(settings, ref, bundle, device) if config.embedding_cache else None
-            evaluations[name] = evaluate_checkpoint(
-                bundle, eval_set, k=config.k, device=device, batch_size=config.batch_size,
-                progress=context.log.info, n_examples=config.n_examples, workers=workers, cache=cache,
-            )
+            context.log.info(f"loading the {name} checkpoint ({ref.path('checkpoint')}) on {device}")
+            bundles[name] = load_checkpoint(ref.path("checkpoint"), device=device)
+            caches[name] = embedding_cache_for(settings, ref, bundles[name], device) if config.embedding_cache else None
         for name, location in extra_models.items():
-            context.log.info(f"scoring the extra model {name} ({location}) on {device}")
-            bundle = load_checkpoint(location, device=device)
-            evaluations[name] = evaluate_checkpoint(
-                bundle, eval_set, k=config.k, device=device, batch_size=config.batch_size,
-                progress=context.log.info, n_examples=config.n_examples, workers=workers,
-            )
+            context.log.info(f"loading the extra model {name} ({location}) on {device}")
+            bundles[name] = load_checkpoint(location, device=device)
+        # One pass over the eval images for every checkpoint that decodes them alike (the fine-tune
+        # and the control keep the base's image processor): each file is decoded once, not per model.
+        evaluations = evaluate_checkpoints(
+            bundles, eval_set, k=config.k, device=device, batch_size=config.batch_size,
+            progress=context.log.info, n_examples=config.n_examples, workers=workers, caches=caches,
+        )
         extra = {
             "lineage": {name: ref.materialization_id for name, ref in checkpoints.items()},
             "extra_models": extra_models,

@@ -233,6 +233,15 @@ class ImagePreprocessing:
             "gives each image its own size; set do_center_crop (crop_size) or an exact height+width size."
         )
 
+    @property
+    def decoding(self) -> tuple:
+        """The fields that decide the prepared uint8 pixels (RGB conversion, resize, crop), not the float steps.
+
+        Two preprocessings with equal `decoding` turn a file into the same uint8 array, so one
+        decode serves both; only `pixel_values` differs.
+        """
+        return (self.convert_rgb, self.shortest_edge, self.resize_to, self.resample, self.crop)
+
     def fingerprint(self) -> str:
         """A 16-hex-digit SHA-256 of the fields, stable across processes and machines, for cache keys."""
         canonical = json.dumps({"version": _FINGERPRINT_VERSION, **asdict(self)}, sort_keys=True)

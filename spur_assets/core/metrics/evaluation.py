@@ -6,13 +6,14 @@ Three steps, each usable on its own:
    gallery rows are relevant to each query, which are its hard negatives, which images
    serve as the natural and anchor-only references. Everything is a plain list of row
    numbers, so it can be checked by hand.
-2. `embed_eval_set` encodes every image and caption the index names with one checkpoint.
+2. `embed_eval_set` encodes every image and caption the index names with one checkpoint
+   (`embed_eval_sets` with several, each image decoded once for all that decode alike).
 3. `evaluate_embeddings` hands the embeddings and the index to `retrieval_metrics` (which
    owns every metric definition, docs/definitions.md#metrics) and assembles the report's
    metric dict M (docs/data-contract.md#reportjson), one row per pair, a few example retrievals, and every
    query's score behind each headline metric (`per_query`, which `attribution` resamples).
 
-`evaluate_checkpoint` runs the three in order.
+`evaluate_checkpoint` runs the three in order; `evaluate_checkpoints` for several checkpoints at once.
 
 Row orders (fixed, so results are reproducible): test images by image_id; original
 captions by caption_id, then accepted edits by cf_caption_id; removal and control images
@@ -50,7 +51,9 @@ __all__ = [
     "build_eval_index",
     "check_report_shape",
     "embed_eval_set",
+    "embed_eval_sets",
     "evaluate_checkpoint",
+    "evaluate_checkpoints",
     "evaluate_embeddings",
     "verdict",
     "write_report",
@@ -459,55 +462,97 @@ def embed_eval_set(
     sha256) or caption (by text) embedded before under the same checkpoint key is read back,
     not computed again; only the rest is embedded and then stored.
     """
-    from spur_assets.core.model.clip_model import embed_images, embed_texts
+    return embed_eval_sets({"": bundle}, index, device, batch_size, progress, workers, {"": cache})[""]
+
+
+def embed_eval_sets(
+    bundles: dict[str, object],
+    index: EvalIndex,
+    device: torch.device | str = "cpu",
+    batch_size: int = 256,
+    progress: Callable[[str], None] | None = None,
+    workers: int = 0,
+    caches: dict[str, EmbeddingCache | None] | None = None,
+) -> dict[str, EvalEmbeddings]:
+    """`embed_eval_set` for several checkpoints (name -> bundle), each image file decoded once for all.
+
+    Checkpoints that decode images alike (`ImagePreprocessing.decoding`: a fine-tune and its
+    control keep the base's processor) share one pass over the files: each decoded batch goes
+    through every such checkpoint's forward, for the rows its cache (`caches[name]`, None = no
+    cache) does not hold. Each checkpoint's embeddings equal what `embed_eval_set` gives it
+    alone. A checkpoint that decodes differently gets a pass of its own.
+    """
+    from spur_assets.core.model.clip_model import embed_images_many, embed_texts
     from spur_assets.core.data.image_stream import ImageFiles
     from spur_assets.core.data.preprocessing import ImagePreprocessing
+    from spur_assets.core.model.embedding_cache import CachedRows
 
     report = progress or (lambda message: None)
-    preprocessing = ImagePreprocessing.of(bundle.image_processor)
-
-    def cached(namespace: str, keys: list[str], compute: Callable[[list[int]], Tensor], what: str) -> Tensor:
-        if cache is None:
-            return compute(list(range(len(keys))))
-        embeddings, stats = cached_embed(cache, namespace, keys, compute)
-        report(f"evaluation: {what}: {stats['hits']} from the embedding cache, {stats['computed']} embedded")
-        return embeddings
-
-    def encode_images(paths: list[str], what: str) -> Tensor:
-        if not paths:
-            return torch.empty((0, bundle.model.config.projection_dim), dtype=torch.float32)
-
-        def compute(positions: list[int]) -> Tensor:
-            files = ImageFiles.of([paths[p] for p in positions], preprocessing)
-            step = max(1, len(positions) // 10)  # about ten progress lines per pass
-            last = [0]
-
-            def tell(done: int, total: int) -> None:
-                if done == total or done // step != last[0] // step:
-                    report(f"evaluation: embedded {done}/{total} {what}")
-                last[0] = done
-
-            return embed_images(bundle, files, batch_size=batch_size, device=device, progress=tell, workers=workers)
-
-        keys = [file_sha256(path) for path in paths] if cache is not None else [""] * len(paths)
-        return cached("image", keys, compute, what)
-
-    def encode_texts(texts: list[str]) -> Tensor:
-        def compute(positions: list[int]) -> Tensor:
-            return embed_texts(bundle, [texts[p] for p in positions], batch_size=batch_size, device=device)
-
-        keys = [text_key(text) for text in texts] if cache is not None else [""] * len(texts)
-        embeddings = cached("text", keys, compute, "captions")
-        report(f"evaluation: embedded {len(texts)} captions (originals and accepted edits)")
-        return embeddings
-
+    caches = caches or {}
     # One pass over the test, removal and control images: one set of decoding workers and one
-    # pipeline head per checkpoint instead of three.
+    # pipeline head per group of checkpoints instead of three per checkpoint.
+    paths = list(index.image_paths) + list(index.removal_paths) + list(index.control_paths)
+    what = "images (test, removal, control)"
+    image_keys = [file_sha256(path) for path in paths] if any(caches.get(n) is not None for n in bundles) else []
+    every: dict[str, Tensor] = {}
+    groups: dict[tuple, list[str]] = {}
+    for name, bundle in bundles.items():
+        groups.setdefault(ImagePreprocessing.of(bundle.image_processor).decoding, []).append(name)
+    for names in groups.values():
+        lookups = {n: CachedRows(caches[n], "image", image_keys) for n in names if caches.get(n) is not None}
+        needed = []
+        for name in names:
+            mask = torch.ones(len(paths), dtype=torch.bool)
+            if name in lookups:
+                mask = torch.zeros(len(paths), dtype=torch.bool)
+                mask[lookups[name].to_compute] = True
+            needed.append(mask)
+        step = max(1, int(torch.stack(needed).any(dim=0).sum()) // 10)  # about ten progress lines per pass
+        last = [0]
+
+        def tell(done: int, total: int) -> None:
+            if done == total or done // step != last[0] // step:
+                together = f" for {', '.join(n or 'the checkpoint' for n in names)}" if len(names) > 1 else ""
+                report(f"evaluation: embedded {done}/{total} {what}{together}")
+            last[0] = done
+
+        files = ImageFiles.of(paths, ImagePreprocessing.of(bundles[names[0]].image_processor))
+        embedded = embed_images_many(
+            [bundles[n] for n in names], files, needed, batch_size=batch_size, device=device, progress=tell, workers=workers,
+        )
+        for name, rows in zip(names, embedded, strict=True):
+            if name not in lookups:
+                every[name] = rows
+                continue
+            every[name] = lookups[name].complete(rows if lookups[name].missing else None)
+            stats = lookups[name].stats
+            report(f"evaluation: {_of(name)}{what}: {stats['hits']} from the embedding cache, {stats['computed']} embedded")
+
     n_test, n_removal = len(index.image_paths), len(index.removal_paths)
-    every = encode_images(list(index.image_paths) + list(index.removal_paths) + list(index.control_paths), "images (test, removal, control)")
-    images, removals, controls = every[:n_test], every[n_test : n_test + n_removal], every[n_test + n_removal :]
-    captions = encode_texts(index.caption_texts)
-    return EvalEmbeddings(images=images, captions=captions, removals=removals, controls=controls)
+    result = {}
+    for name, bundle in bundles.items():
+        cache = caches.get(name)
+
+        def compute(positions: list[int], bundle=bundle) -> Tensor:
+            return embed_texts(bundle, [index.caption_texts[p] for p in positions], batch_size=batch_size, device=device)
+
+        if cache is None:
+            captions = compute(list(range(len(index.caption_texts))))
+        else:
+            keys = [text_key(text) for text in index.caption_texts]
+            captions, stats = cached_embed(cache, "text", keys, compute)
+            report(f"evaluation: {_of(name)}captions: {stats['hits']} from the embedding cache, {stats['computed']} embedded")
+        report(f"evaluation: {_of(name)}embedded {len(index.caption_texts)} captions (originals and accepted edits)")
+        images = every[name]
+        result[name] = EvalEmbeddings(
+            images=images[:n_test], captions=captions, removals=images[n_test : n_test + n_removal],
+            controls=images[n_test + n_removal :],
+        )
+    return result
+
+
+def _of(name: str) -> str:
+    return f"{name}: " if name else ""
 
 
 # --------------------------------------------------------------------------- metrics
@@ -894,6 +939,31 @@ def evaluate_checkpoint(
     about each stage. `workers` decoding processes and the embedding `cache` as
     `embed_eval_set` documents. Timings (seconds) land in `.timings`.
     """
+    return evaluate_checkpoints(
+        {"": bundle}, eval_set, k, device, batch_size, progress, n_examples, workers, chunk_size, example_queries,
+        {"": cache},
+    )[""]
+
+
+def evaluate_checkpoints(
+    bundles: dict[str, object],
+    eval_set: EvalSet,
+    k: int = 10,
+    device: torch.device | str = "cpu",
+    batch_size: int = 256,
+    progress: Callable[[str], None] | None = None,
+    n_examples: int = 3,
+    workers: int = 0,
+    chunk_size: int = 1024,
+    example_queries: Sequence[int] | None = None,
+    caches: dict[str, EmbeddingCache | None] | None = None,
+) -> dict[str, CheckpointEvaluation]:
+    """`evaluate_checkpoint` for several checkpoints (name -> bundle) on one index and one image pass.
+
+    The index is built once, and checkpoints that decode images alike share the decoding
+    (`embed_eval_sets`); each result equals `evaluate_checkpoint` on that checkpoint alone.
+    `.timings["embed_s"]` is the shared embedding pass's time, the same for every checkpoint.
+    """
     from spur_assets.core.runtime.devices import resolve_device
 
     report = progress or (lambda message: None)
@@ -906,23 +976,27 @@ def evaluate_checkpoint(
         f"{len(index.control_paths)} controls over {len(index.pairs)} pairs"
     )
     indexed = time.perf_counter()
-    emb = embed_eval_set(bundle, index, device=target, batch_size=batch_size, progress=report, workers=workers, cache=cache)
+    embeddings = embed_eval_sets(bundles, index, target, batch_size, report, workers, caches)
     embedded = time.perf_counter()
-    result = evaluate_embeddings(
-        index,
-        emb.images.to(target),
-        emb.captions.to(target),
-        emb.removals.to(target),
-        emb.controls.to(target),
-        k=k,
-        chunk_size=chunk_size,
-        n_examples=n_examples,
-        example_queries=example_queries,
-    )
-    result.timings = {
-        "index_s": indexed - started,
-        "embed_s": embedded - indexed,
-        "rank_s": result.timings.get("rank_s", 0.0),
-    }
+    results = {}
+    for name, emb in embeddings.items():
+        ranking = time.perf_counter()
+        result = evaluate_embeddings(
+            index,
+            emb.images.to(target),
+            emb.captions.to(target),
+            emb.removals.to(target),
+            emb.controls.to(target),
+            k=k,
+            chunk_size=chunk_size,
+            n_examples=n_examples,
+            example_queries=example_queries,
+        )
+        result.timings = {
+            "index_s": indexed - started,
+            "embed_s": embedded - indexed,
+            "rank_s": result.timings.get("rank_s", time.perf_counter() - ranking),
+        }
+        results[name] = result
     report(f"evaluation: done in {time.perf_counter() - started:.1f} s")
-    return result
+    return results

@@ -462,29 +462,76 @@ def embed_images(
     there), under bf16 autocast on CUDA, in eval mode without gradients. `progress(done,
     total)` is called after each batch.
     """
-    model = bundle.model
-    target = torch.device(device) if device is not None else _model_device(model)
-    model.to(target).eval()
-    processor_image_size(bundle.image_processor)  # fail early on a non-square processor
+    return embed_images_many([bundle], images, None, batch_size, device, progress, workers)[0]
+
+
+def embed_images_many(
+    bundles: Sequence[ClipBundle],
+    images: ImageSource,
+    needed: Sequence[torch.Tensor | None] | None = None,
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    workers: int = 0,
+) -> list[torch.Tensor]:
+    """`embed_images` under several checkpoints at once, each image decoded once for all of them.
+
+    The checkpoints must decode images alike (equal `ImagePreprocessing.decoding` of their image
+    processors; mean and std may differ; ValueError otherwise): metric_report scores the base, its fine-tune and its
+    control, which keep the base's processor, on the same files, and decoding is most of an
+    embedding pass wherever the forward is cheap (a small model on a CPU, any model on a GPU).
+    `needed[i]` is a bool mask [N] of the rows checkpoint i needs (None: all of them); only
+    rows some checkpoint needs are decoded, and a checkpoint runs its forward on every decoded
+    batch holding a row it needs (whole batches, so that each row is computed in the same batch
+    for every checkpoint). Returns, per checkpoint, the embeddings of its needed rows in row
+    order; where some checkpoint needs every row, each equals `embed_images`' row bit for bit on CPU. Runs on
+    `device` (default: where the first model is). `progress(done, total)` counts decoded rows.
+    """
+    if not bundles:
+        return []
     total = source_length(images)
-    steps = chunk_steps(total, batch_size, first=DECODE_ITEM_ROWS if isinstance(images, ImageFiles) else None)
-    chunks: list[torch.Tensor] = []
+    masks = [torch.ones(total, dtype=torch.bool) if m is None else torch.as_tensor(m, dtype=torch.bool).cpu() for m in (needed or [None] * len(bundles))]
+    if len(masks) != len(bundles) or any(tuple(m.shape) != (total,) for m in masks):
+        raise ValueError(f"embed_images_many: give one bool mask of {total} rows per checkpoint ({len(bundles)}), or None.")
+    target = torch.device(device) if device is not None else _model_device(bundles[0].model)
+    preparations = {ImagePreprocessing.of(b.image_processor).decoding for b in bundles}
+    if len(preparations) > 1:
+        raise ValueError(
+            f"embed_images_many: the checkpoints decode images differently ({sorted(map(str, preparations))}: RGB "
+            "conversion, resize, resample, crop); embed each group of alike checkpoints separately."
+        )
+    for bundle in bundles:
+        bundle.model.to(target).eval()
+        processor_image_size(bundle.image_processor)  # fail early on a non-square processor
+    rows = torch.nonzero(torch.stack(masks).any(dim=0)).flatten()
+    steps = chunk_steps(len(rows), batch_size, first=DECODE_ITEM_ROWS if isinstance(images, ImageFiles) else None)
+    steps = [rows[step].tolist() for step in steps]
+    chunks: list[list[torch.Tensor]] = [[] for _ in bundles]
     done = 0
     with torch.inference_mode(), autocast_for(target):
         # On CPU the decoding runs in threads of this process beside the forward (no process start,
         # no shared-memory copy of each batch: bench/benchmarks/RESULTS.md section 2); on a GPU in
         # DataLoader processes, which keep many cores decoding for it.
         stream = stream_rows(images, steps, target, workers, threads=target.type == "cpu")
-        for rows, batch in zip(steps, stream, strict=True):
-            pixels = pixel_values_from_uint8(batch, bundle.image_processor)
-            features = model.get_image_features(pixel_values=pixels).pooler_output
-            chunks.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu())
-            done += len(rows)
+        for step, batch in zip(steps, stream, strict=True):
+            step_rows = torch.tensor(step, dtype=torch.long)
+            for bundle, mask, out in zip(bundles, masks, chunks, strict=True):
+                wanted = mask[step_rows]
+                if not bool(wanted.any()):
+                    continue
+                # The whole batch, then its rows: a row's float rounding depends on the batch shape it
+                # was computed in, and this way it is the same for every checkpoint (and embed_images).
+                pixels = pixel_values_from_uint8(batch, bundle.image_processor)
+                features = bundle.model.get_image_features(pixel_values=pixels).pooler_output
+                features = torch.nn.functional.normalize(features.float(), dim=-1).cpu()
+                out.append(features if bool(wanted.all()) else features[wanted])
+            done += len(step)
             if progress is not None:
-                progress(done, total)
-    if not chunks:
-        return torch.empty((0, model.config.projection_dim), dtype=torch.float32)
-    return torch.cat(chunks)
+                progress(done, len(rows))
+    return [
+        torch.cat(out) if out else torch.empty((0, bundle.model.config.projection_dim), dtype=torch.float32)
+        for bundle, out in zip(bundles, chunks, strict=True)
+    ]
 
 
 def embed_texts(

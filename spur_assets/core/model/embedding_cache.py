@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["NAMESPACES", "EmbeddingCache", "cached_embed", "drop", "file_sha256", "stats", "text_key"]
+__all__ = ["NAMESPACES", "CachedRows", "EmbeddingCache", "cached_embed", "drop", "file_sha256", "stats", "text_key"]
 
 NAMESPACES = ("image", "text")
 FORMAT = "spur-embedding-cache/1"
@@ -215,6 +215,50 @@ class EmbeddingCache:
         return path
 
 
+class CachedRows:
+    """One lookup of ``keys`` in a cache: what it holds, and which rows are still to embed.
+
+    `cached_embed` in two halves, for callers that compute the missing rows of several caches
+    in one pass (metric_report decodes each image once for all its checkpoints):
+    ``to_compute`` lists the positions in ``keys`` of the first occurrence of each uncached
+    key; ``complete(rows)`` stores those rows ([len(to_compute), D] float32, in that order) as
+    one new part and returns the embeddings of all ``keys`` in order.
+    """
+
+    def __init__(self, cache: EmbeddingCache, namespace: str, keys: Sequence[str]) -> None:
+        self.cache, self.namespace, self.keys = cache, namespace, list(keys)
+        self.out, self.cached = cache.lookup(namespace, self.keys)
+        self.missing: dict[str, list[int]] = {}  # key -> its positions, in order of first occurrence
+        for position, (key, hit) in enumerate(zip(self.keys, self.cached.tolist())):
+            if not hit:
+                self.missing.setdefault(key, []).append(position)
+
+    @property
+    def to_compute(self) -> list[int]:
+        return [where[0] for where in self.missing.values()]
+
+    @property
+    def stats(self) -> dict:
+        """``hits`` = positions served from the cache, ``computed`` = rows to compute (or computed)."""
+        return {"hits": int(self.cached.sum()), "computed": len(self.missing)}
+
+    def complete(self, computed: torch.Tensor | None = None) -> torch.Tensor:
+        """Store the computed rows (None when nothing was missing) and return [len(keys), D] in order."""
+        if not self.missing:
+            return self.out
+        if computed is None:
+            raise ValueError(f"{len(self.missing)} key(s) are not cached; pass their embeddings")
+        rows = _as_rows(computed, len(self.missing), "compute(...) result")
+        self.cache.store(self.namespace, list(self.missing), rows)  # raises on a dimension mismatch with the cache
+        out = self.out
+        if out.shape[1] != rows.shape[1]:  # nothing was cached, so D was unknown
+            out = torch.zeros((len(self.keys), rows.shape[1]))
+        dest = torch.tensor([p for where in self.missing.values() for p in where])
+        src = torch.tensor([i for i, where in enumerate(self.missing.values()) for _ in where])
+        out.index_copy_(0, dest, rows.index_select(0, src))
+        return out
+
+
 def cached_embed(
     cache: EmbeddingCache,
     namespace: str,
@@ -229,21 +273,9 @@ def cached_embed(
     Stats: ``hits`` = positions served from the cache, ``computed`` = rows computed.
     No keys: an empty [0, 0] tensor.
     """
-    keys = list(keys)
-    out, cached = cache.lookup(namespace, keys)
-    missing: dict[str, list[int]] = {}  # key -> its positions, in order of first occurrence
-    for position, (key, hit) in enumerate(zip(keys, cached.tolist())):
-        if not hit:
-            missing.setdefault(key, []).append(position)
-    if missing:
-        rows = _as_rows(compute([where[0] for where in missing.values()]), len(missing), "compute(...) result")
-        cache.store(namespace, list(missing), rows)  # raises on a dimension mismatch with the cache
-        if out.shape[1] != rows.shape[1]:  # nothing was cached, so D was unknown
-            out = torch.zeros((len(keys), rows.shape[1]))
-        dest = torch.tensor([p for where in missing.values() for p in where])
-        src = torch.tensor([i for i, where in enumerate(missing.values()) for _ in where])
-        out.index_copy_(0, dest, rows.index_select(0, src))
-    return out, {"hits": int(cached.sum()), "computed": len(missing)}
+    lookup = CachedRows(cache, namespace, keys)
+    computed = compute(lookup.to_compute) if lookup.missing else None
+    return lookup.complete(computed), lookup.stats
 
 
 def drop(root: Path | str, checkpoint_key: str) -> bool:
