@@ -596,10 +596,11 @@ def _perturbed(bundle, seed: int):
     return twin
 
 
-def test_evaluate_checkpoints_decodes_each_file_once_per_decoding_and_equals_each_alone(tiny_setup, tmp_path, monkeypatch):
+def test_evaluate_checkpoints_prepares_each_input_once_per_kind_and_equals_each_alone(tiny_setup, tmp_path, monkeypatch):
     import copy
 
     from spur_assets.core.data import image_stream
+    from spur_assets.core.model import clip_model
     from spur_assets.core.model.embedding_cache import EmbeddingCache
 
     eval_set, base = tiny_setup
@@ -622,6 +623,14 @@ def test_evaluate_checkpoints_decodes_each_file_once_per_decoding_and_equals_eac
         return real_decode(path, prep, max_pixels)
 
     monkeypatch.setattr(image_stream, "decode_image_uint8", counting_decode)
+    tokenized: list[str] = []
+    real_tokenize = clip_model.tokenize_captions
+
+    def counting_tokenize(bundle, texts):
+        tokenized.extend(texts)
+        return real_tokenize(bundle, texts)
+
+    monkeypatch.setattr(clip_model, "tokenize_captions", counting_tokenize)
     messages: list[str] = []
     together = evaluate_checkpoints(
         bundles, eval_set, k=3, batch_size=4, progress=messages.append, workers=1,
@@ -630,6 +639,8 @@ def test_evaluate_checkpoints_decodes_each_file_once_per_decoding_and_equals_eac
     files = eval_set.images.height + eval_set.cf_images.height
     assert len(decoded) == 2 * files  # one pass for base, control and fine-tuned; one for "other"
     assert {path: decoded.count(path) for path in set(decoded)} == {path: 2 for path in set(decoded)}
+    # All four share the tokenizer: the captions are tokenized once, for all of them.
+    assert len(tokenized) == len(build_eval_index(eval_set).caption_texts)
     assert list(together) == list(bundles)
     for name in bundles:
         assert together[name].metrics == alone[name].metrics, name
@@ -663,3 +674,23 @@ def test_embed_images_many_embeds_each_checkpoints_own_rows_as_embed_images_does
     other.image_processor.crop_size = {"height": 8, "width": 8}
     with pytest.raises(ValueError, match="decode images differently"):
         embed_images_many([base, other], files)
+
+
+def test_embed_texts_many_tokenizes_once_and_matches_embed_texts(tiny_setup):
+    import copy
+
+    from spur_assets.core.model.clip_model import embed_texts, embed_texts_many, train_caption_tokenizer
+
+    eval_set, base = tiny_setup
+    tuned = _perturbed(base, 5)
+    texts = eval_set.captions.sort("caption_id")["caption"].to_list()
+    embed_texts(base, texts[:3])  # a call leaves padding and truncation state on one tokenizer: still alike
+    wanted = torch.tensor([i % 2 == 0 for i in range(len(texts))])
+    rows_base, rows_tuned = embed_texts_many([base, tuned], texts, [None, wanted], batch_size=7)
+    assert torch.equal(rows_base, embed_texts(base, texts, batch_size=7))
+    assert torch.equal(rows_tuned, embed_texts(tuned, texts, batch_size=7)[wanted])
+
+    other = copy.deepcopy(base)
+    other.tokenizer = train_caption_tokenizer(texts[:5], vocab_size=300, max_length=16)
+    with pytest.raises(ValueError, match="tokenize differently"):
+        embed_texts_many([base, other], texts)

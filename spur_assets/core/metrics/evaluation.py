@@ -37,7 +37,7 @@ from spur_assets.core.records.artifacts import ArtifactRef
 from spur_assets.core.metrics.attribution import QueryScores
 from spur_assets.core.data.batch_union import SplitTables
 from spur_assets.core.counterfactuals.eval_set import pair_name
-from spur_assets.core.model.embedding_cache import EmbeddingCache, cached_embed, file_sha256, text_key
+from spur_assets.core.model.embedding_cache import EmbeddingCache, file_sha256, text_key
 from spur_assets.core.metrics.report import check_report_shape, verdict, write_report
 from spur_assets.core.data.vocabulary import mentioned_categories
 
@@ -474,81 +474,99 @@ def embed_eval_sets(
     workers: int = 0,
     caches: dict[str, EmbeddingCache | None] | None = None,
 ) -> dict[str, EvalEmbeddings]:
-    """`embed_eval_set` for several checkpoints (name -> bundle), each image file decoded once for all.
+    """`embed_eval_set` for several checkpoints (name -> bundle), each input prepared once for all.
 
     Checkpoints that decode images alike (`ImagePreprocessing.decoding`: a fine-tune and its
-    control keep the base's processor) share one pass over the files: each decoded batch goes
-    through every such checkpoint's forward, for the rows its cache (`caches[name]`, None = no
-    cache) does not hold. Each checkpoint's embeddings equal what `embed_eval_set` gives it
-    alone. A checkpoint that decodes differently gets a pass of its own.
+    control keep the base's processor) share one pass over the image files, and checkpoints
+    that tokenize alike (`clip_model.tokenization_identity`) one tokenization of the captions:
+    each decoded or tokenized batch goes through every such checkpoint's forward, for the rows
+    its cache (`caches[name]`, None = no cache) does not hold. Each checkpoint's embeddings
+    equal what `embed_eval_set` gives it alone. A checkpoint that prepares its inputs
+    differently gets passes of its own.
     """
-    from spur_assets.core.model.clip_model import embed_images_many, embed_texts
+    from spur_assets.core.model.clip_model import embed_images_many, embed_texts_many, tokenization_identity
     from spur_assets.core.data.image_stream import ImageFiles
     from spur_assets.core.data.preprocessing import ImagePreprocessing
-    from spur_assets.core.model.embedding_cache import CachedRows
 
     report = progress or (lambda message: None)
     caches = caches or {}
+    cached = any(caches.get(name) is not None for name in bundles)
     # One pass over the test, removal and control images: one set of decoding workers and one
     # pipeline head per group of checkpoints instead of three per checkpoint.
     paths = list(index.image_paths) + list(index.removal_paths) + list(index.control_paths)
-    what = "images (test, removal, control)"
-    image_keys = [file_sha256(path) for path in paths] if any(caches.get(n) is not None for n in bundles) else []
-    every: dict[str, Tensor] = {}
-    groups: dict[tuple, list[str]] = {}
+    texts = list(index.caption_texts)
+
+    def images_of(group: list, needed: list[Tensor], tell) -> list[Tensor]:
+        files = ImageFiles.of(paths, ImagePreprocessing.of(group[0].image_processor))
+        return embed_images_many(group, files, needed, batch_size=batch_size, device=device, progress=tell, workers=workers)
+
+    def texts_of(group: list, needed: list[Tensor], tell) -> list[Tensor]:
+        return embed_texts_many(group, texts, needed, batch_size=batch_size, device=device, progress=tell)
+
+    every = _embed_shared(
+        bundles, caches, "image", [file_sha256(path) for path in paths] if cached else [""] * len(paths),
+        lambda bundle: ImagePreprocessing.of(bundle.image_processor).decoding, images_of,
+        "images (test, removal, control)", report,
+    )
+    captions = _embed_shared(
+        bundles, caches, "text", [text_key(text) for text in texts] if cached else [""] * len(texts),
+        tokenization_identity, texts_of, "captions (originals and accepted edits)", report,
+    )
+    n_test, n_removal = len(index.image_paths), len(index.removal_paths)
+    return {
+        name: EvalEmbeddings(
+            images=every[name][:n_test], captions=captions[name], removals=every[name][n_test : n_test + n_removal],
+            controls=every[name][n_test + n_removal :],
+        )
+        for name in bundles
+    }
+
+
+def _embed_shared(
+    bundles: dict[str, object],
+    caches: dict[str, EmbeddingCache | None],
+    namespace: str,
+    keys: list[str],
+    group_of: Callable[[object], object],
+    embed_many: Callable[[list, list[Tensor], Callable[[int, int], None]], list[Tensor]],
+    what: str,
+    report: Callable[[str], None],
+) -> dict[str, Tensor]:
+    """Every checkpoint's embeddings of `keys`' rows: one `embed_many` pass per group of alike checkpoints,
+    each checkpoint computing only the rows its cache lacks (then storing them)."""
+    from spur_assets.core.model.embedding_cache import CachedRows
+
+    groups: dict[object, list[str]] = {}
     for name, bundle in bundles.items():
-        groups.setdefault(ImagePreprocessing.of(bundle.image_processor).decoding, []).append(name)
+        groups.setdefault(group_of(bundle), []).append(name)
+    out: dict[str, Tensor] = {}
     for names in groups.values():
-        lookups = {n: CachedRows(caches[n], "image", image_keys) for n in names if caches.get(n) is not None}
+        lookups = {n: CachedRows(caches[n], namespace, keys) for n in names if caches.get(n) is not None}
         needed = []
         for name in names:
-            mask = torch.ones(len(paths), dtype=torch.bool)
+            mask = torch.ones(len(keys), dtype=torch.bool)
             if name in lookups:
-                mask = torch.zeros(len(paths), dtype=torch.bool)
+                mask = torch.zeros(len(keys), dtype=torch.bool)
                 mask[lookups[name].to_compute] = True
             needed.append(mask)
         step = max(1, int(torch.stack(needed).any(dim=0).sum()) // 10)  # about ten progress lines per pass
         last = [0]
+        together = f" for {', '.join(n or 'the checkpoint' for n in names)}" if len(names) > 1 else ""
 
         def tell(done: int, total: int) -> None:
             if done == total or done // step != last[0] // step:
-                together = f" for {', '.join(n or 'the checkpoint' for n in names)}" if len(names) > 1 else ""
                 report(f"evaluation: embedded {done}/{total} {what}{together}")
             last[0] = done
 
-        files = ImageFiles.of(paths, ImagePreprocessing.of(bundles[names[0]].image_processor))
-        embedded = embed_images_many(
-            [bundles[n] for n in names], files, needed, batch_size=batch_size, device=device, progress=tell, workers=workers,
-        )
+        embedded = embed_many([bundles[n] for n in names], needed, tell)
         for name, rows in zip(names, embedded, strict=True):
             if name not in lookups:
-                every[name] = rows
+                out[name] = rows
                 continue
-            every[name] = lookups[name].complete(rows if lookups[name].missing else None)
+            out[name] = lookups[name].complete(rows if lookups[name].missing else None)
             stats = lookups[name].stats
             report(f"evaluation: {_of(name)}{what}: {stats['hits']} from the embedding cache, {stats['computed']} embedded")
-
-    n_test, n_removal = len(index.image_paths), len(index.removal_paths)
-    result = {}
-    for name, bundle in bundles.items():
-        cache = caches.get(name)
-
-        def compute(positions: list[int], bundle=bundle) -> Tensor:
-            return embed_texts(bundle, [index.caption_texts[p] for p in positions], batch_size=batch_size, device=device)
-
-        if cache is None:
-            captions = compute(list(range(len(index.caption_texts))))
-        else:
-            keys = [text_key(text) for text in index.caption_texts]
-            captions, stats = cached_embed(cache, "text", keys, compute)
-            report(f"evaluation: {_of(name)}captions: {stats['hits']} from the embedding cache, {stats['computed']} embedded")
-        report(f"evaluation: {_of(name)}embedded {len(index.caption_texts)} captions (originals and accepted edits)")
-        images = every[name]
-        result[name] = EvalEmbeddings(
-            images=images[:n_test], captions=captions, removals=images[n_test : n_test + n_removal],
-            controls=images[n_test + n_removal :],
-        )
-    return result
+    return out
 
 
 def _of(name: str) -> str:

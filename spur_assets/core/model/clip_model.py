@@ -548,26 +548,87 @@ def embed_texts(
     fast tokenizer releases the GIL while it encodes). Same device, autocast and progress rules
     as `embed_images`.
     """
-    model = bundle.model
-    target = torch.device(device) if device is not None else _model_device(model)
-    model.to(target).eval()
+    return embed_texts_many([bundle], texts, None, batch_size, device, progress)[0]
+
+
+def tokenization_identity(bundle: ClipBundle) -> tuple:
+    """What decides a checkpoint's token ids for a text: its tokenizer's definition and length limit.
+
+    Checkpoints with equal identities (a fine-tune and its control keep the base's tokenizer)
+    tokenize every text alike, so one tokenization serves them all.
+    """
+    tokenizer = bundle.tokenizer
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    definition = f"object {id(tokenizer)}"
+    if backend is not None:
+        # Padding and truncation are state a call leaves on the backend (the wrapper sets them per
+        # call from its own arguments), not part of what the tokenizer is.
+        spec = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("padding", "truncation")}
+        definition = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+    return (type(tokenizer).__name__, definition, text_max_length(bundle), tokenizer.padding_side, tokenizer.pad_token_id)
+
+
+def embed_texts_many(
+    bundles: Sequence[ClipBundle],
+    texts: Sequence[str],
+    needed: Sequence[torch.Tensor | None] | None = None,
+    batch_size: int = 1024,
+    device: torch.device | str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[torch.Tensor]:
+    """`embed_texts` under several checkpoints that tokenize alike, each text tokenized once for all.
+
+    Checkpoints must have equal `tokenization_identity` (ValueError otherwise). `needed[i]` is a
+    bool mask [N] of the texts checkpoint i needs (None: all); only texts some checkpoint needs
+    are tokenized, and a checkpoint runs its forward on every batch holding a text it needs (the
+    whole batch, as `embed_images_many` does). Returns, per checkpoint, the embeddings of its
+    needed texts in order; where some checkpoint needs every text, each equals `embed_texts`'
+    row. `progress(done, total)` counts tokenized texts.
+    """
+    if not bundles:
+        return []
     total = len(texts)
-    chunks: list[torch.Tensor] = []
-    starts = range(0, total, batch_size)
+    masks = [torch.ones(total, dtype=torch.bool) if m is None else torch.as_tensor(m, dtype=torch.bool).cpu() for m in (needed or [None] * len(bundles))]
+    if len(masks) != len(bundles) or any(tuple(m.shape) != (total,) for m in masks):
+        raise ValueError(f"embed_texts_many: give one bool mask of {total} texts per checkpoint ({len(bundles)}), or None.")
+    identities = {tokenization_identity(b) for b in bundles}
+    if len(identities) > 1:
+        raise ValueError(
+            "embed_texts_many: the checkpoints tokenize differently (tokenizer, length limit or padding); "
+            "embed each group of alike checkpoints separately."
+        )
+    target = torch.device(device) if device is not None else _model_device(bundles[0].model)
+    for bundle in bundles:
+        bundle.model.to(target).eval()
+    rows = torch.nonzero(torch.stack(masks).any(dim=0)).flatten().tolist()
+    steps = [rows[start : start + batch_size] for start in range(0, len(rows), batch_size)]
+    chunks: list[list[torch.Tensor]] = [[] for _ in bundles]
+
+    def tokenize(step: list[int]) -> dict[str, torch.Tensor]:
+        return tokenize_captions(bundles[0], [texts[i] for i in step])
+
+    done = 0
     with prompt_gil_handover(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="spur-tokenize") as pool:
-        upcoming = [pool.submit(tokenize_captions, bundle, texts[start : start + batch_size]) for start in starts[:1]]
+        upcoming = [pool.submit(tokenize, step) for step in steps[:1]]
         with torch.inference_mode(), autocast_for(target):
-            for index, start in enumerate(starts):
+            for index, step in enumerate(steps):
                 tokens = upcoming[index].result()
-                if index + 1 < len(starts):
-                    upcoming.append(pool.submit(tokenize_captions, bundle, texts[starts[index + 1] : starts[index + 1] + batch_size]))
+                if index + 1 < len(steps):
+                    upcoming.append(pool.submit(tokenize, steps[index + 1]))
                 upcoming[index] = None  # drop this batch's tokens once used
-                features = model.get_text_features(
-                    input_ids=tokens["input_ids"].to(target), attention_mask=tokens["attention_mask"].to(target)
-                ).pooler_output
-                chunks.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu())
+                ids, mask = tokens["input_ids"].to(target), tokens["attention_mask"].to(target)
+                step_rows = torch.tensor(step, dtype=torch.long)
+                for bundle, needs, out in zip(bundles, masks, chunks, strict=True):
+                    wanted = needs[step_rows]
+                    if not bool(wanted.any()):
+                        continue
+                    features = bundle.model.get_text_features(input_ids=ids, attention_mask=mask).pooler_output
+                    features = torch.nn.functional.normalize(features.float(), dim=-1).cpu()
+                    out.append(features if bool(wanted.all()) else features[wanted])
+                done += len(step)
                 if progress is not None:
-                    progress(min(start + batch_size, total), total)
-    if not chunks:
-        return torch.empty((0, model.config.projection_dim), dtype=torch.float32)
-    return torch.cat(chunks)
+                    progress(done, len(rows))
+    return [
+        torch.cat(out) if out else torch.empty((0, bundle.model.config.projection_dim), dtype=torch.float32)
+        for bundle, out in zip(bundles, chunks, strict=True)
+    ]
