@@ -7,7 +7,8 @@ Three steps, each usable on its own:
    serve as the natural and anchor-only references. Everything is a plain list of row
    numbers, so it can be checked by hand.
 2. `embed_eval_set` encodes every image and caption the index names with one checkpoint
-   (`embed_eval_sets` with several, each image decoded once for all that decode alike).
+   (`embed_eval_sets` with several: each image decoded, each caption tokenized, once for all
+   checkpoints that prepare them alike).
 3. `evaluate_embeddings` hands the embeddings and the index to `retrieval_metrics` (which
    owns every metric definition, docs/definitions.md#metrics) and assembles the report's
    metric dict M (docs/data-contract.md#reportjson), one row per pair, a few example retrievals, and every

@@ -490,9 +490,7 @@ def embed_images_many(
     if not bundles:
         return []
     total = source_length(images)
-    masks = [torch.ones(total, dtype=torch.bool) if m is None else torch.as_tensor(m, dtype=torch.bool).cpu() for m in (needed or [None] * len(bundles))]
-    if len(masks) != len(bundles) or any(tuple(m.shape) != (total,) for m in masks):
-        raise ValueError(f"embed_images_many: give one bool mask of {total} rows per checkpoint ({len(bundles)}), or None.")
+    masks = _row_masks(len(bundles), needed, total, "embed_images_many", "rows")
     target = torch.device(device) if device is not None else _model_device(bundles[0].model)
     preparations = {ImagePreprocessing.of(b.image_processor).decoding for b in bundles}
     if len(preparations) > 1:
@@ -514,24 +512,13 @@ def embed_images_many(
         # DataLoader processes, which keep many cores decoding for it.
         stream = stream_rows(images, steps, target, workers, threads=target.type == "cpu")
         for step, batch in zip(steps, stream, strict=True):
-            step_rows = torch.tensor(step, dtype=torch.long)
-            for bundle, mask, out in zip(bundles, masks, chunks, strict=True):
-                wanted = mask[step_rows]
-                if not bool(wanted.any()):
-                    continue
-                # The whole batch, then its rows: a row's float rounding depends on the batch shape it
-                # was computed in, and this way it is the same for every checkpoint (and embed_images).
-                pixels = pixel_values_from_uint8(batch, bundle.image_processor)
-                features = bundle.model.get_image_features(pixel_values=pixels).pooler_output
-                features = torch.nn.functional.normalize(features.float(), dim=-1).cpu()
-                out.append(features if bool(wanted.all()) else features[wanted])
+            _embed_step(bundles, masks, chunks, step, lambda bundle: bundle.model.get_image_features(
+                pixel_values=pixel_values_from_uint8(batch, bundle.image_processor)
+            ).pooler_output)
             done += len(step)
             if progress is not None:
                 progress(done, len(rows))
-    return [
-        torch.cat(out) if out else torch.empty((0, bundle.model.config.projection_dim), dtype=torch.float32)
-        for bundle, out in zip(bundles, chunks, strict=True)
-    ]
+    return _concatenated(bundles, chunks)
 
 
 def embed_texts(
@@ -587,10 +574,7 @@ def embed_texts_many(
     """
     if not bundles:
         return []
-    total = len(texts)
-    masks = [torch.ones(total, dtype=torch.bool) if m is None else torch.as_tensor(m, dtype=torch.bool).cpu() for m in (needed or [None] * len(bundles))]
-    if len(masks) != len(bundles) or any(tuple(m.shape) != (total,) for m in masks):
-        raise ValueError(f"embed_texts_many: give one bool mask of {total} texts per checkpoint ({len(bundles)}), or None.")
+    masks = _row_masks(len(bundles), needed, len(texts), "embed_texts_many", "texts")
     identities = {tokenization_identity(b) for b in bundles}
     if len(identities) > 1:
         raise ValueError(
@@ -617,17 +601,44 @@ def embed_texts_many(
                     upcoming.append(pool.submit(tokenize, steps[index + 1]))
                 upcoming[index] = None  # drop this batch's tokens once used
                 ids, mask = tokens["input_ids"].to(target), tokens["attention_mask"].to(target)
-                step_rows = torch.tensor(step, dtype=torch.long)
-                for bundle, needs, out in zip(bundles, masks, chunks, strict=True):
-                    wanted = needs[step_rows]
-                    if not bool(wanted.any()):
-                        continue
-                    features = bundle.model.get_text_features(input_ids=ids, attention_mask=mask).pooler_output
-                    features = torch.nn.functional.normalize(features.float(), dim=-1).cpu()
-                    out.append(features if bool(wanted.all()) else features[wanted])
+                _embed_step(bundles, masks, chunks, step, lambda bundle: bundle.model.get_text_features(
+                    input_ids=ids, attention_mask=mask
+                ).pooler_output)
                 done += len(step)
                 if progress is not None:
                     progress(done, len(rows))
+    return _concatenated(bundles, chunks)
+
+
+def _row_masks(n_bundles: int, needed: Sequence[torch.Tensor | None] | None, total: int, caller: str, what: str) -> list[torch.Tensor]:
+    """One bool mask [total] per checkpoint (None: every row); ValueError when they do not fit."""
+    masks = [torch.ones(total, dtype=torch.bool) if m is None else torch.as_tensor(m, dtype=torch.bool).cpu()
+             for m in (needed or [None] * n_bundles)]
+    if len(masks) != n_bundles or any(tuple(m.shape) != (total,) for m in masks):
+        raise ValueError(f"{caller}: give one bool mask of {total} {what} per checkpoint ({n_bundles}), or None.")
+    return masks
+
+
+def _embed_step(
+    bundles: Sequence[ClipBundle],
+    masks: list[torch.Tensor],
+    chunks: list[list[torch.Tensor]],
+    step: list[int],
+    features_of: Callable[[ClipBundle], torch.Tensor],
+) -> None:
+    """One prepared batch (rows `step`) through every checkpoint that needs one of its rows; keep those rows."""
+    step_rows = torch.tensor(step, dtype=torch.long)
+    for bundle, mask, out in zip(bundles, masks, chunks, strict=True):
+        wanted = mask[step_rows]
+        if not bool(wanted.any()):
+            continue
+        # The whole batch, then its rows: a row's float rounding depends on the batch shape it was
+        # computed in, and this way it is the same for every checkpoint (and the one-model calls).
+        features = torch.nn.functional.normalize(features_of(bundle).float(), dim=-1).cpu()
+        out.append(features if bool(wanted.all()) else features[wanted])
+
+
+def _concatenated(bundles: Sequence[ClipBundle], chunks: list[list[torch.Tensor]]) -> list[torch.Tensor]:
     return [
         torch.cat(out) if out else torch.empty((0, bundle.model.config.projection_dim), dtype=torch.float32)
         for bundle, out in zip(bundles, chunks, strict=True)
