@@ -109,11 +109,13 @@ def refuse_other_data(settings: SpurSettings, batch: str, manifest: Path, tables
         return
     outputs = {output["name"]: Path(output["uri"]) for output in earlier["outputs"]}
     try:
-        before = content_fingerprint(*(pl.read_parquet(outputs[name]) for name in ("raw_images", "raw_captions", "raw_instances")))
+        before = content_fingerprint(
+            SplitTables(*(pl.read_parquet(outputs[name]) for name in ("raw_images", "raw_captions", "raw_instances")))
+        )
     except (KeyError, OSError, pl.exceptions.PolarsError) as error:
         log.warning(f"cannot compare batch {batch!r} with its earlier materialization {earlier['materialization_id']} ({error})")
         return
-    if before == content_fingerprint(tables.images, tables.captions, tables.instances):
+    if before == content_fingerprint(tables):
         return
     if config.replace or batch == BUILTIN_BATCH:
         log.warning(

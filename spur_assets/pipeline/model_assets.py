@@ -207,7 +207,7 @@ class FinetunedCheckpointConfig(dg.Config):
     hard_negatives: bool = True  # I^-b <-> its original b-caption as extra negatives
     # Each hard-negative logit + log(w), and I^-b trained in the same batch as its source I (core/model/training.py).
     # Chosen on a validation split carved from the train images, not on the test set (bench/experiments/RESEARCH.md,
-    # `paired_w4`; 3 seeds through this code in bench/experiments/SEEDS.md).
+    # `paired_w4`; 3 seeds through this code in its Background section).
     hard_negative_weight: float = 4.0
     paired_batches: bool = True
     seed: int = 0

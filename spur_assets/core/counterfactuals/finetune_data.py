@@ -29,7 +29,7 @@ class FinetuneSet:
 
 
 # The share of counterfactual images among the images a fine-tune trains on: 0.34 kept R@5 over 3
-# seeds where 0.5 gained more ODmAP but lost R@5 i2t on two seeds (bench/experiments/SEEDS.md).
+# seeds where 0.5 gained more ODmAP but lost R@5 i2t on two seeds (bench/experiments/RESEARCH.md, Background).
 COUNTERFACTUAL_RATIO = 0.34
 
 

@@ -412,7 +412,9 @@ class _TrainSplit:
     categories: dict[tuple[str, int], frozenset[str]]
 
 
-def _index_train_split(images: pl.DataFrame, captions: pl.DataFrame, instances: pl.DataFrame) -> _TrainSplit:
+def _index_train_split(train: SplitTables) -> _TrainSplit:
+    """The train rows of ``train`` (already filtered to the split) indexed by (batch, image_id)."""
+    images, captions, instances = train.images, train.captions, train.instances
     image_of = {
         (row["batch"], row["image_id"]): _Image(
             row["batch"], row["image_id"], row["path"], int(row["width"]), int(row["height"])
@@ -822,7 +824,9 @@ class _TrainInputs:
         _check_columns(pairs, "pairs", ("anchor", "companion"))
         train_images = images.filter(pl.col("split") == TRAIN_SPLIT)
         train_instances = instances.filter(pl.col("split") == TRAIN_SPLIT)
-        split = _index_train_split(train_images, captions.filter(pl.col("split") == TRAIN_SPLIT), train_instances)
+        split = _index_train_split(
+            SplitTables(train_images, captions.filter(pl.col("split") == TRAIN_SPLIT), train_instances)
+        )
         pair_list = list(dict.fromkeys(pairs.select("anchor", "companion").iter_rows()))
         # A paste target showing both sides of any pair would copy that pair's co-occurrence.
         clean = {

@@ -39,6 +39,7 @@ import yaml
 from PIL import Image
 from pycocotools import mask as coco_mask
 
+from spur_assets.core.data.batch_union import SplitTables
 from spur_assets.core.data.errors import DatasetError
 
 SPLIT_NAMES = ("train", "test")
@@ -134,8 +135,11 @@ class BatchTables:
     quarantine: pl.DataFrame
 
 
-def content_fingerprint(images: pl.DataFrame, captions: pl.DataFrame, instances: pl.DataFrame) -> str:
+def content_fingerprint(tables: SplitTables | BatchTables) -> str:
     """sha256 over a batch's content: image bytes (their sha256), captions and instances, ids included.
+
+    ``tables``: a batch's images, captions and instances (a ``BatchTables`` from
+    ``load_batch``, or a ``SplitTables`` of the stored raw tables).
 
     Independent of where the files lie (the ``path`` column) and of the batch id, so two
     ingests of the same data agree and any change to a record or a pixel differs. Row
@@ -144,9 +148,9 @@ def content_fingerprint(images: pl.DataFrame, captions: pl.DataFrame, instances:
     """
     digest = hashlib.sha256()
     for frame, columns in (
-        (images, ["split", "image_id", "file_name", "width", "height", "sha256"]),
-        (captions, ["split", "caption_id", "image_id", "caption"]),
-        (instances, [c for c in INSTANCES_SCHEMA.names() if c != "batch"]),
+        (tables.images, ["split", "image_id", "file_name", "width", "height", "sha256"]),
+        (tables.captions, ["split", "caption_id", "image_id", "caption"]),
+        (tables.instances, [c for c in INSTANCES_SCHEMA.names() if c != "batch"]),
     ):
         ordered = frame.select(columns).sort(columns[:2])
         digest.update(f"{ordered.height}:{','.join(columns)}".encode())
