@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for n in sizes:
         print(f"[bench_memory] {n} train images ...", file=sys.stderr, flush=True)
-        results[n] = run_size(n, Path(args.work), args.threads)
+        results[n] = run_size(n, Path(args.work).resolve(), args.threads)
         print(f"[bench_memory] {n}: {results[n]}", file=sys.stderr, flush=True)
     smallest, largest = sizes[0], sizes[-1]
     lines = [

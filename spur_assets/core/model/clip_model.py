@@ -504,7 +504,7 @@ def embed_images_many(
     rows = torch.nonzero(torch.stack(masks).any(dim=0)).flatten()
     steps = chunk_steps(len(rows), batch_size, first=DECODE_ITEM_ROWS if isinstance(images, ImageFiles) else None)
     steps = [rows[step].tolist() for step in steps]
-    chunks: list[list[torch.Tensor]] = [[] for _ in bundles]
+    outputs = _EmbeddingRows(bundles, masks)
     done = 0
     with torch.inference_mode(), autocast_for(target):
         # On CPU the decoding runs in threads of this process beside the forward (no process start,
@@ -512,13 +512,13 @@ def embed_images_many(
         # DataLoader processes, which keep many cores decoding for it.
         stream = stream_rows(images, steps, target, workers, threads=target.type == "cpu")
         for step, batch in zip(steps, stream, strict=True):
-            _embed_step(bundles, masks, chunks, step, lambda bundle: bundle.model.get_image_features(
+            _embed_step(bundles, masks, outputs, step, lambda bundle: bundle.model.get_image_features(
                 pixel_values=pixel_values_from_uint8(batch, bundle.image_processor)
             ).pooler_output)
             done += len(step)
             if progress is not None:
                 progress(done, len(rows))
-    return _concatenated(bundles, chunks)
+    return outputs.done()
 
 
 def embed_texts(
@@ -586,7 +586,7 @@ def embed_texts_many(
         bundle.model.to(target).eval()
     rows = torch.nonzero(torch.stack(masks).any(dim=0)).flatten().tolist()
     steps = [rows[start : start + batch_size] for start in range(0, len(rows), batch_size)]
-    chunks: list[list[torch.Tensor]] = [[] for _ in bundles]
+    outputs = _EmbeddingRows(bundles, masks)
 
     def tokenize(step: list[int]) -> dict[str, torch.Tensor]:
         return tokenize_captions(bundles[0], [texts[i] for i in step])
@@ -601,13 +601,13 @@ def embed_texts_many(
                     upcoming.append(pool.submit(tokenize, steps[index + 1]))
                 upcoming[index] = None  # drop this batch's tokens once used
                 ids, mask = tokens["input_ids"].to(target), tokens["attention_mask"].to(target)
-                _embed_step(bundles, masks, chunks, step, lambda bundle: bundle.model.get_text_features(
+                _embed_step(bundles, masks, outputs, step, lambda bundle: bundle.model.get_text_features(
                     input_ids=ids, attention_mask=mask
                 ).pooler_output)
                 done += len(step)
                 if progress is not None:
                     progress(done, len(rows))
-    return _concatenated(bundles, chunks)
+    return outputs.done()
 
 
 def _row_masks(n_bundles: int, needed: Sequence[torch.Tensor | None] | None, total: int, caller: str, what: str) -> list[torch.Tensor]:
@@ -619,27 +619,47 @@ def _row_masks(n_bundles: int, needed: Sequence[torch.Tensor | None] | None, tot
     return masks
 
 
+class _EmbeddingRows:
+    """Each checkpoint's output rows, allocated before the pass and filled in row order.
+
+    Allocated up front so that nothing long-lived lands on the heap among a forward's freed
+    activations: when each batch's few rows were kept as tensors of their own, glibc could not
+    reuse the pages around them, and the resident set of a pass grew with its number of batches
+    (bench/benchmarks/RESULTS.md section 7b).
+    """
+
+    def __init__(self, bundles: Sequence[ClipBundle], masks: list[torch.Tensor]) -> None:
+        self.rows = [
+            torch.empty((int(mask.sum()), bundle.model.config.projection_dim), dtype=torch.float32)
+            for bundle, mask in zip(bundles, masks, strict=True)
+        ]
+        self.filled = [0] * len(bundles)
+
+    def put(self, which: int, features: torch.Tensor) -> None:
+        start = self.filled[which]
+        self.rows[which][start : start + len(features)] = features
+        self.filled[which] = start + len(features)
+
+    def done(self) -> list[torch.Tensor]:
+        if self.filled != [len(rows) for rows in self.rows]:
+            raise RuntimeError(f"embedding pass filled {self.filled} rows of {[len(rows) for rows in self.rows]}")
+        return self.rows
+
+
 def _embed_step(
     bundles: Sequence[ClipBundle],
     masks: list[torch.Tensor],
-    chunks: list[list[torch.Tensor]],
+    outputs: _EmbeddingRows,
     step: list[int],
     features_of: Callable[[ClipBundle], torch.Tensor],
 ) -> None:
     """One prepared batch (rows `step`) through every checkpoint that needs one of its rows; keep those rows."""
     step_rows = torch.tensor(step, dtype=torch.long)
-    for bundle, mask, out in zip(bundles, masks, chunks, strict=True):
+    for which, (bundle, mask) in enumerate(zip(bundles, masks, strict=True)):
         wanted = mask[step_rows]
         if not bool(wanted.any()):
             continue
         # The whole batch, then its rows: a row's float rounding depends on the batch shape it was
         # computed in, and this way it is the same for every checkpoint (and the one-model calls).
         features = torch.nn.functional.normalize(features_of(bundle).float(), dim=-1).cpu()
-        out.append(features if bool(wanted.all()) else features[wanted])
-
-
-def _concatenated(bundles: Sequence[ClipBundle], chunks: list[list[torch.Tensor]]) -> list[torch.Tensor]:
-    return [
-        torch.cat(out) if out else torch.empty((0, bundle.model.config.projection_dim), dtype=torch.float32)
-        for bundle, out in zip(bundles, chunks, strict=True)
-    ]
+        outputs.put(which, features if bool(wanted.all()) else features[wanted])
